@@ -1,0 +1,144 @@
+//! The message consumers read, and the rule that names it for deduplication.
+//!
+//! One [`EventEnvelope`] per (subscription, log), serialised as JSON. Decoded arguments follow
+//! one convention so consumers in any language can read them without an ABI library:
+//! integers are decimal strings (they overflow JSON numbers), addresses are EIP-55 checksummed
+//! hex, bytes are `0x`-hex, booleans and strings are native, arrays are arrays, tuples are
+//! objects keyed by component name (positional `"0"`, `"1"`, ... when unnamed), and an
+//! *indexed* argument of a dynamic type (string, bytes, array) is the 32-byte topic hash,
+//! because that is all the log contains.
+
+use alloy_primitives::{Address, B256, Bytes};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ChainId, SubscriptionId};
+
+/// One contract log, as published to JetStream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventEnvelope {
+    /// Chain the log was emitted on.
+    pub chain_id: ChainId,
+    /// Subscription this message was published for.
+    pub subscription_id: SubscriptionId,
+    /// Contract that emitted the log.
+    pub address: Address,
+    /// Event name, e.g. `Transfer`.
+    pub event: String,
+    /// Canonical event signature, e.g. `Transfer(address,address,uint256)`.
+    pub signature: String,
+    /// Block number of the log.
+    pub block_number: u64,
+    /// Hash of the block the log is in.
+    pub block_hash: B256,
+    /// Block timestamp in seconds, when the RPC endpoint reports it with the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_timestamp: Option<u64>,
+    /// Transaction that emitted the log.
+    pub transaction_hash: B256,
+    /// Index of that transaction in its block.
+    pub transaction_index: u64,
+    /// Index of the log in its block.
+    pub log_index: u64,
+    /// `true` when this message retracts an earlier one whose block was orphaned.
+    pub removed: bool,
+    /// Decoded arguments by parameter name; `null` when decoding failed (see `decode_error`).
+    pub args: serde_json::Value,
+    /// Why the log could not be decoded with the subscription's ABI; the raw `topics` and
+    /// `data` are still delivered so nothing is lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_error: Option<String>,
+    /// Raw log topics.
+    pub topics: Vec<B256>,
+    /// Raw log data.
+    pub data: Bytes,
+}
+
+impl EventEnvelope {
+    /// The JetStream dedup id of this message; see [`msg_id`].
+    pub fn msg_id(&self) -> String {
+        msg_id(self.chain_id, &self.subscription_id, &self.block_hash, self.log_index, self.removed)
+    }
+
+    /// Position of the log in the subscription's order: (block number, log index).
+    pub fn position(&self) -> (u64, u64) {
+        (self.block_number, self.log_index)
+    }
+}
+
+/// The `Nats-Msg-Id` of a message: `<chain_id>:<subscription_id>:<block_hash>:<log_index>`,
+/// with `:removed` appended for a retraction.
+///
+/// A log is identified by the block *hash* (not number), so the same log re-included in a
+/// different block after a reorg is a different message, while any redelivery of the same log
+/// (crash replay, takeover) has the same id and is dropped by JetStream. A retraction gets its
+/// own id so dedup never swallows it.
+pub fn msg_id(
+    chain_id: ChainId,
+    subscription_id: &SubscriptionId,
+    block_hash: &B256,
+    log_index: u64,
+    removed: bool,
+) -> String {
+    let suffix = if removed { ":removed" } else { "" };
+    format!("{chain_id}:{subscription_id}:{block_hash}:{log_index}{suffix}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> EventEnvelope {
+        EventEnvelope {
+            chain_id: 1,
+            subscription_id: SubscriptionId::new("s").unwrap(),
+            address: Address::repeat_byte(0x11),
+            event: "Transfer".into(),
+            signature: "Transfer(address,address,uint256)".into(),
+            block_number: 10,
+            block_hash: B256::repeat_byte(0xab),
+            block_timestamp: None,
+            transaction_hash: B256::repeat_byte(0xcd),
+            transaction_index: 0,
+            log_index: 3,
+            removed: false,
+            args: serde_json::json!({"value": "1"}),
+            decode_error: None,
+            topics: vec![B256::repeat_byte(1)],
+            data: Bytes::from_static(&[1, 2]),
+        }
+    }
+
+    #[test]
+    fn msg_id_follows_the_rule() {
+        let e = sample();
+        assert_eq!(e.msg_id(), format!("1:s:{}:3", B256::repeat_byte(0xab)));
+        let mut r = e.clone();
+        r.removed = true;
+        assert_eq!(r.msg_id(), format!("{}:removed", e.msg_id()));
+    }
+
+    #[test]
+    fn msg_id_changes_with_every_identity_field() {
+        let base = sample();
+        let mut other = base.clone();
+        other.block_hash = B256::repeat_byte(0xac);
+        assert_ne!(base.msg_id(), other.msg_id());
+        let mut other = base.clone();
+        other.log_index = 4;
+        assert_ne!(base.msg_id(), other.msg_id());
+        let mut other = base.clone();
+        other.subscription_id = SubscriptionId::new("t").unwrap();
+        assert_ne!(base.msg_id(), other.msg_id());
+        let mut other = base.clone();
+        other.chain_id = 2;
+        assert_ne!(base.msg_id(), other.msg_id());
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let e = sample();
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(!json.contains("decode_error"));
+        assert_eq!(serde_json::from_str::<EventEnvelope>(&json).unwrap(), e);
+    }
+}

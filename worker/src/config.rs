@@ -1,0 +1,318 @@
+//! Worker configuration: one serde struct, defaults -> TOML file -> `HERALD_*` environment.
+//!
+//! Environment variables override file keys; nesting uses a double underscore, e.g.
+//! `HERALD_ETCD__ENDPOINTS='["http://etcd:2379"]'` or `HERALD_NATS__URL=nats://nats:4222`.
+//! Unknown keys are rejected, and every error names the key it is about.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use herald_proto::{ChainId, Keyspace, WorkerId, keys::DEFAULT_PREFIX};
+use serde::{Deserialize, Serialize};
+
+/// Everything a worker process needs to know.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This worker's id: stable across restarts (e.g. the pod name).
+    pub worker_id: WorkerId,
+    /// Log output format.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// Where `/metrics` and `/healthz` are served; no server when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// etcd connection and key layout.
+    #[serde(default)]
+    pub etcd: EtcdConfig,
+    /// NATS connection and the JetStream stream herald publishes to.
+    #[serde(default)]
+    pub nats: NatsConfig,
+    /// The chains this worker serves.
+    #[serde(default)]
+    pub chains: Vec<ChainConfig>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// etcd settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client endpoints, e.g. `http://127.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Prefix of every herald key.
+    pub prefix: String,
+    /// Timeout of one connection attempt.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Timeout of one request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: DEFAULT_PREFIX.into(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// NATS settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated.
+    pub url: String,
+    /// How long to wait for a JetStream publish acknowledgement.
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// The stream, created or updated at start.
+    #[serde(default)]
+    pub stream: StreamConfig,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            ack_timeout: Duration::from_secs(5),
+            stream: StreamConfig::default(),
+        }
+    }
+}
+
+/// The JetStream stream herald publishes into.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Stream name.
+    pub name: String,
+    /// Subjects the stream captures; must cover every subscription's subject.
+    pub subjects: Vec<String>,
+    /// Window in which a repeated `Nats-Msg-Id` is dropped. Must exceed the longest
+    /// redelivery herald can cause (a crash or takeover replays from the last cursor).
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// How long messages are kept; `0s` keeps them forever.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Stream replicas (1 for a single NATS server).
+    pub replicas: usize,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            name: "HERALD".into(),
+            subjects: vec!["herald.events.>".into()],
+            duplicate_window: Duration::from_secs(10 * 60),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            replicas: 1,
+        }
+    }
+}
+
+/// One chain and its JSON-RPC endpoints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainConfig {
+    /// EIP-155 chain id; checked against `eth_chainId` at start.
+    pub chain_id: ChainId,
+    /// JSON-RPC endpoints (http/https); the first healthy one is used.
+    pub rpc_urls: Vec<String>,
+    /// How often the head is polled.
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Largest block span of one `eth_getLogs` call.
+    #[serde(default = "default_max_block_range")]
+    pub max_block_range: u64,
+    /// Timeout of one RPC call.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_block_range() -> u64 {
+    1_000
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The sources could not be read or deserialised (the message names the key).
+    #[error("invalid configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    /// A value deserialised but is not acceptable.
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid {
+        /// The offending key, dotted.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), message: message.into() }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if given), then `HERALD_*` variables, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Defaults::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(invalid("--config", format!("file {} does not exist", file.display())));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(Env::prefixed("HERALD_").split("__"));
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The etcd keyspace this worker uses.
+    pub fn keyspace(&self) -> Keyspace {
+        Keyspace::new(self.etcd.prefix.clone()).expect("validated at load")
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        Keyspace::new(self.etcd.prefix.clone()).map_err(|e| invalid("etcd.prefix", e.to_string()))?;
+        if self.etcd.endpoints.is_empty() {
+            return Err(invalid("etcd.endpoints", "needs at least one endpoint"));
+        }
+        if self.nats.stream.name.is_empty()
+            || self.nats.stream.name.contains(['.', ' ', '*', '>', '/', '\\'])
+        {
+            return Err(invalid("nats.stream.name", "must be non-empty without '.', ' ', '*', '>', '/'"));
+        }
+        if self.nats.stream.subjects.is_empty() {
+            return Err(invalid("nats.stream.subjects", "needs at least one subject"));
+        }
+        if self.nats.stream.duplicate_window.is_zero() {
+            return Err(invalid("nats.stream.duplicate_window", "must be greater than zero"));
+        }
+        if self.chains.is_empty() {
+            return Err(invalid("chains", "needs at least one chain"));
+        }
+        for (i, chain) in self.chains.iter().enumerate() {
+            if self.chains[..i].iter().any(|c| c.chain_id == chain.chain_id) {
+                return Err(invalid(format!("chains[{i}].chain_id"), "duplicate chain id"));
+            }
+            if chain.rpc_urls.is_empty() {
+                return Err(invalid(format!("chains[{i}].rpc_urls"), "needs at least one URL"));
+            }
+            for (j, url) in chain.rpc_urls.iter().enumerate() {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(invalid(
+                        format!("chains[{i}].rpc_urls[{j}]"),
+                        "must be an http:// or https:// URL",
+                    ));
+                }
+            }
+            if chain.max_block_range == 0 {
+                return Err(invalid(format!("chains[{i}].max_block_range"), "must be at least 1"));
+            }
+            if chain.poll_interval.is_zero() {
+                return Err(invalid(format!("chains[{i}].poll_interval"), "must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The defaults layer: everything but `worker_id`, which has no sensible default.
+#[derive(Serialize, Default)]
+struct Defaults {
+    log_format: LogFormat,
+    etcd: EtcdConfig,
+    nats: NatsConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load_str(toml: &str) -> Result<Config, ConfigError> {
+        let mut f = tempfile_in_target();
+        f.1.write_all(toml.as_bytes()).unwrap();
+        Config::load(Some(&f.0))
+    }
+
+    fn tempfile_in_target() -> (std::path::PathBuf, std::fs::File) {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "herald-config-test-{}-{}.toml",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let file = std::fs::File::create(&path).unwrap();
+        (path, file)
+    }
+
+    const MINIMAL: &str = r#"
+worker_id = "w-1"
+[[chains]]
+chain_id = 31337
+rpc_urls = ["http://127.0.0.1:8545"]
+"#;
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = load_str(MINIMAL).unwrap();
+        assert_eq!(c.worker_id.as_str(), "w-1");
+        assert_eq!(c.etcd.prefix, "/herald");
+        assert_eq!(c.nats.stream.name, "HERALD");
+        assert_eq!(c.chains[0].max_block_range, 1000);
+        assert_eq!(c.chains[0].poll_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = load_str(&format!("{MINIMAL}\n[etcd]\nendpoint = [\"x\"]\n")).unwrap_err();
+        assert!(err.to_string().contains("endpoint"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        let err = load_str(&MINIMAL.replace("chain_id = 31337", "chain_id = \"one\"")).unwrap_err();
+        assert!(err.to_string().contains("chain_id"), "{err}");
+        let err = load_str(&MINIMAL.replace("w-1", "W 1")).unwrap_err();
+        assert!(err.to_string().contains("worker_id"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let err = load_str(&MINIMAL.replace("http://127", "ftp://127")).unwrap_err();
+        assert!(err.to_string().contains("chains[0].rpc_urls[0]"), "{err}");
+        let err = load_str(&format!("{MINIMAL}\n[etcd]\nprefix = \"herald\"\n")).unwrap_err();
+        assert!(err.to_string().contains("etcd.prefix"), "{err}");
+        let err = load_str("worker_id = \"w\"\n").unwrap_err();
+        assert!(err.to_string().contains("chains"), "{err}");
+    }
+}
