@@ -1,1 +1,160 @@
-//! stub
+//! herald worker: turns the contract logs of its assigned subscriptions into JetStream
+//! messages, advancing a fenced per-subscription cursor in etcd only after the acks.
+//!
+//! Layout, from the edge inwards:
+//!
+//! - [`config`]: the one configuration struct (file + `HERALD_*` env).
+//! - [`chain`]: `ChainRpc`, the narrow view of a JSON-RPC endpoint, and its alloy adapter.
+//! - [`publish`]: `EventSink`, the narrow view of JetStream, and its async-nats adapter.
+//! - [`store`]: `CursorStore` and the etcd adapter (assignments, specs, fenced cursor writes).
+//! - [`ranges`], [`decode`]: pure decisions (which blocks next, log -> envelope).
+//! - [`pipeline`]: one subscription's fetch -> decode -> publish -> commit loop.
+//! - [`supervisor`]: one pipeline task per assigned subscription, following etcd.
+//! - [`retry`], [`metrics`], [`shutdown`]: backoff, Prometheus metrics, signal handling.
+//!
+//! [`run`] wires them together; `main` only parses arguments and installs signals.
+
+pub mod chain;
+pub mod config;
+pub mod decode;
+pub mod metrics;
+pub mod pipeline;
+pub mod publish;
+pub mod ranges;
+pub mod retry;
+pub mod shutdown;
+pub mod store;
+pub mod supervisor;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::chain::{AlloyRpc, ChainRpc};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::publish::JetStreamSink;
+use crate::retry::retry;
+use crate::store::EtcdStore;
+use crate::supervisor::{ChainHandle, Supervisor};
+
+/// Runs a worker until `shutdown` is cancelled. Unreachable dependencies at start are
+/// retried with backoff (and logged), never fatal; a chain answering with another chain id
+/// than configured is fatal.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics_listen: cannot bind {addr}"))?;
+        tracing::info!(%addr, "serving /metrics");
+        tokio::spawn(serve_metrics(listener, metrics.clone(), shutdown.clone()));
+    }
+
+    let etcd = &config.etcd;
+    let Some(store) = retry("connect to etcd", &shutdown, || {
+        EtcdStore::connect(
+            &etcd.endpoints,
+            config.keyspace(),
+            etcd.connect_timeout,
+            etcd.request_timeout,
+        )
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    tracing::info!(endpoints = ?etcd.endpoints, "connected to etcd");
+
+    let nats_options = || {
+        async_nats::ConnectOptions::new()
+            .connection_timeout(std::time::Duration::from_secs(5))
+            .max_reconnects(None)
+            .retry_on_initial_connect()
+    };
+    let Some(client) = retry("connect to nats", &shutdown, || async {
+        let client = nats_options().connect(config.nats.url.as_str()).await?;
+        client
+            .flush()
+            .await
+            .map(|()| client)
+            .map_err(async_nats::Error::from)
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    let sink = JetStreamSink::new(client, &config.nats);
+    if retry("create or update the jetstream stream", &shutdown, || {
+        sink.ensure_stream(&config.nats.stream)
+    })
+    .await
+    .is_none()
+    {
+        return Ok(());
+    }
+    tracing::info!(stream = %config.nats.stream.name, "jetstream stream ready");
+
+    let mut chains = HashMap::new();
+    for (i, chain) in config.chains.iter().enumerate() {
+        let rpc = AlloyRpc::new(&chain.rpc_urls[0], chain.request_timeout)
+            .map_err(|e| anyhow::anyhow!("chains[{i}].rpc_urls[0]: {e}"))?;
+        let what = format!("reach chain {} at {}", chain.chain_id, rpc.redacted_url());
+        let Some(reported) = retry(&what, &shutdown, || rpc.chain_id()).await else {
+            return Ok(());
+        };
+        if reported != chain.chain_id {
+            anyhow::bail!(
+                "chains[{i}].chain_id: configured {} but {} reports chain id {reported}",
+                chain.chain_id,
+                rpc.redacted_url()
+            );
+        }
+        tracing::info!(
+            chain_id = chain.chain_id,
+            url = rpc.redacted_url(),
+            "chain reachable"
+        );
+        chains.insert(
+            chain.chain_id,
+            ChainHandle {
+                rpc: Arc::new(rpc),
+                config: chain.clone(),
+            },
+        );
+    }
+
+    let supervisor = Supervisor {
+        worker_id: config.worker_id.clone(),
+        store,
+        sink: Arc::new(sink),
+        chains,
+        metrics,
+    };
+    tracing::info!(worker_id = %config.worker_id, "worker running");
+    supervisor.run(shutdown).await;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        )
+        .route("/healthz", get(|| std::future::ready("ok")));
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "metrics server failed");
+    }
+}

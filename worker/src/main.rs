@@ -1,1 +1,63 @@
-fn main() {}
+//! `herald-worker`: see the crate docs of `herald_worker`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use herald_worker::config::{Config, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+/// herald worker: contract logs -> JetStream, with a fenced cursor in etcd.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// TOML configuration file; `HERALD_*` variables override it.
+    #[arg(long, short, env = "HERALD_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("herald-worker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("herald-worker: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = match herald_worker::shutdown::install() {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("herald-worker: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match herald_worker::run(config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "worker failed");
+                eprintln!("herald-worker: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,129 @@
+//! Every metric the worker exports, declared in one place. Prefix `herald_`.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+/// The worker's metrics and the registry that serves them.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Messages stored by JetStream, per subscription (duplicates excluded).
+    pub events_published: IntCounterVec,
+    /// Publishes JetStream reported as duplicates of stored messages (replays after a crash).
+    pub publish_duplicates: IntCounterVec,
+    /// Logs that did not decode with the subscription's ABI (published raw, flagged).
+    pub decode_failures: IntCounterVec,
+    /// Failed publish attempts (retried).
+    pub publish_errors: IntCounterVec,
+    /// Last block whose logs are all acknowledged, per subscription.
+    pub cursor_block: IntGaugeVec,
+    /// Blocks between the chain head and the cursor, per subscription.
+    pub lag_blocks: IntGaugeVec,
+    /// Latest head seen, per chain.
+    pub head_block: IntGaugeVec,
+    /// RPC calls by method and outcome.
+    pub rpc_requests: IntCounterVec,
+    /// Cursor writes refused because the assignment changed (this worker was fenced).
+    pub fenced: IntCounter,
+    /// Subscriptions this worker currently runs.
+    pub assigned_subscriptions: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+            let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            r.register(Box::new(m.clone())).expect("unique metric");
+            m
+        }
+        fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+            let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            r.register(Box::new(m.clone())).expect("unique metric");
+            m
+        }
+        let sub = &["chain_id", "subscription_id"];
+        let fenced = IntCounter::new(
+            "herald_worker_fenced_total",
+            "Cursor writes refused because the subscription's assignment changed.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(fenced.clone()))
+            .expect("unique metric");
+        let assigned_subscriptions = IntGauge::new(
+            "herald_worker_assigned_subscriptions",
+            "Subscriptions this worker currently runs.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(assigned_subscriptions.clone()))
+            .expect("unique metric");
+        Self {
+            events_published: counter_vec(
+                &registry,
+                "herald_events_published_total",
+                "Messages stored by JetStream (duplicates excluded).",
+                sub,
+            ),
+            publish_duplicates: counter_vec(
+                &registry,
+                "herald_publish_duplicates_total",
+                "Publishes JetStream dropped as duplicates of stored messages.",
+                sub,
+            ),
+            decode_failures: counter_vec(
+                &registry,
+                "herald_decode_failures_total",
+                "Logs that did not decode with the subscription's ABI (published raw, flagged).",
+                sub,
+            ),
+            publish_errors: counter_vec(
+                &registry,
+                "herald_publish_errors_total",
+                "Failed publish attempts, retried.",
+                sub,
+            ),
+            cursor_block: gauge_vec(
+                &registry,
+                "herald_subscription_cursor_block",
+                "Last block whose logs are all acknowledged.",
+                sub,
+            ),
+            lag_blocks: gauge_vec(
+                &registry,
+                "herald_subscription_lag_blocks",
+                "Blocks between the chain head and the subscription's cursor.",
+                sub,
+            ),
+            head_block: gauge_vec(
+                &registry,
+                "herald_chain_head_block",
+                "Latest head seen.",
+                &["chain_id"],
+            ),
+            rpc_requests: counter_vec(
+                &registry,
+                "herald_rpc_requests_total",
+                "JSON-RPC calls by method and outcome.",
+                &["chain_id", "method", "outcome"],
+            ),
+            fenced,
+            assigned_subscriptions,
+            registry,
+        }
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

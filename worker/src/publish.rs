@@ -1,0 +1,144 @@
+//! JetStream: the narrow [`EventSink`] trait and its async-nats adapter.
+//!
+//! Each message carries `Nats-Msg-Id` (see [`herald_proto::msg_id`]), so any redelivery
+//! inside the stream's duplicate window is dropped by the server. A subscription publishes
+//! strictly one message at a time and waits for its ack: a message is never sent before every
+//! earlier one of the same subscription is stored, which keeps the stream in (block, log index)
+//! order even when the connection drops in the middle of a batch.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage, stream};
+use bytes::Bytes;
+use herald_proto::{EventEnvelope, subjects};
+
+use crate::config::{NatsConfig, StreamConfig};
+
+/// A failed publish or stream operation.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// No ack within the timeout: the message may or may not be stored; republishing it is
+    /// safe because of its message id.
+    #[error("no publish ack within {0:?}")]
+    AckTimeout(Duration),
+    /// The server or connection reported an error.
+    #[error("jetstream error: {0}")]
+    Nats(String),
+}
+
+/// What the server said about a stored message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// Stream sequence of the message.
+    pub sequence: u64,
+    /// The server already had a message with this id and dropped this one.
+    pub duplicate: bool,
+}
+
+/// Where envelopes go.
+pub trait EventSink: Send + Sync + 'static {
+    /// Publishes one envelope and waits for the server's ack.
+    fn publish(
+        &self,
+        subject: &str,
+        envelope: &EventEnvelope,
+    ) -> impl Future<Output = Result<Stored, PublishError>> + Send;
+
+    /// The last envelope stored on `subject`, if any: the stream is the journal of what was
+    /// published, which lets a (re)starting owner skip what is already there.
+    fn last_published(
+        &self,
+        subject: &str,
+    ) -> impl Future<Output = Result<Option<EventEnvelope>, PublishError>> + Send;
+}
+
+/// [`EventSink`] over NATS JetStream.
+#[derive(Clone)]
+pub struct JetStreamSink {
+    js: jetstream::Context,
+    stream_name: String,
+    ack_timeout: Duration,
+}
+
+impl JetStreamSink {
+    /// Wraps a connected client.
+    pub fn new(client: async_nats::Client, config: &NatsConfig) -> Self {
+        let mut js = jetstream::new(client);
+        js.set_timeout(config.ack_timeout);
+        Self {
+            js,
+            stream_name: config.stream.name.clone(),
+            ack_timeout: config.ack_timeout,
+        }
+    }
+
+    /// Creates the stream, or updates it to `config` if it exists.
+    pub async fn ensure_stream(&self, config: &StreamConfig) -> Result<(), PublishError> {
+        let wanted = stream::Config {
+            name: config.name.clone(),
+            subjects: config.subjects.clone(),
+            storage: stream::StorageType::File,
+            duplicate_window: config.duplicate_window,
+            max_age: config.max_age,
+            num_replicas: config.replicas,
+            allow_direct: true,
+            ..Default::default()
+        };
+        self.js
+            .create_or_update_stream(wanted)
+            .await
+            .map_err(|e| PublishError::Nats(e.to_string()))?;
+        Ok(())
+    }
+}
+
+impl EventSink for JetStreamSink {
+    async fn publish(
+        &self,
+        subject: &str,
+        envelope: &EventEnvelope,
+    ) -> Result<Stored, PublishError> {
+        let payload = Bytes::from(serde_json::to_vec(envelope).expect("envelopes serialise"));
+        let message = PublishMessage::build()
+            .payload(payload)
+            .message_id(envelope.msg_id())
+            .header(
+                subjects::SUBSCRIPTION_HEADER,
+                envelope.subscription_id.as_str(),
+            )
+            .header(
+                subjects::BLOCK_HEADER,
+                envelope.block_number.to_string().as_str(),
+            )
+            .header(
+                subjects::REMOVED_HEADER,
+                if envelope.removed { "true" } else { "false" },
+            );
+        let ack = async {
+            let pending = self.js.send_publish(subject.to_owned(), message).await?;
+            pending.await
+        };
+        match tokio::time::timeout(self.ack_timeout, ack).await {
+            Err(_) => Err(PublishError::AckTimeout(self.ack_timeout)),
+            Ok(Err(e)) => Err(PublishError::Nats(e.to_string())),
+            Ok(Ok(ack)) => Ok(Stored {
+                sequence: ack.sequence,
+                duplicate: ack.duplicate,
+            }),
+        }
+    }
+
+    async fn last_published(&self, subject: &str) -> Result<Option<EventEnvelope>, PublishError> {
+        let stream = self
+            .js
+            .get_stream_no_info(&self.stream_name)
+            .await
+            .map_err(|e| PublishError::Nats(e.to_string()))?;
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(message) => Ok(serde_json::from_slice(&message.payload).ok()),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(PublishError::Nats(e.to_string())),
+        }
+    }
+}

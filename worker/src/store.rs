@@ -1,0 +1,223 @@
+//! etcd: assignments in, cursors out. The narrow [`CursorStore`] trait and the etcd adapter.
+//!
+//! Ownership is fenced: a worker acts on a subscription in the name of an [`Ownership`] (the
+//! assignment key's create revision and value as the worker read them). Every cursor write is
+//! a transaction that commits only if the assignment key still has that create revision and
+//! value; otherwise [`StoreError::Fenced`] tells the caller it no longer owns the subscription
+//! and must stop.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, WatchOptions, WatchStream,
+};
+use herald_proto::{Assignment, Cursor, Key, Keyspace, SubscriptionId, SubscriptionSpec, WorkerId};
+
+/// A failed store operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The assignment this worker acted on is gone or changed: it is no longer the owner.
+    #[error("subscription {0} is no longer assigned to this worker")]
+    Fenced(SubscriptionId),
+    /// etcd could not be reached or failed the request; retry.
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    /// A stored value does not parse; someone wrote garbage under herald's prefix.
+    #[error("bad value at {key}: {message}")]
+    BadValue {
+        /// The key.
+        key: String,
+        /// Why it does not parse.
+        message: String,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying may help.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Etcd(_))
+    }
+}
+
+/// The right to act on one subscription: the assignment as this worker read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ownership {
+    /// The subscription.
+    pub subscription_id: SubscriptionId,
+    /// Create revision of the assignment key: the assignment's generation.
+    pub generation: i64,
+    /// The assignment value as read, compared byte for byte on every write.
+    pub assignment_value: Vec<u8>,
+}
+
+/// Durable per-subscription progress.
+pub trait CursorStore: Send + Sync + 'static {
+    /// The stored cursor, if the subscription has made progress before.
+    fn load_cursor(
+        &self,
+        id: &SubscriptionId,
+    ) -> impl Future<Output = Result<Option<Cursor>, StoreError>> + Send;
+
+    /// Stores `cursor` if `ownership` still holds.
+    fn commit_cursor(
+        &self,
+        ownership: &Ownership,
+        cursor: &Cursor,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// herald's etcd adapter for the worker.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    keys: Keyspace,
+}
+
+impl EtcdStore {
+    /// Connects (one attempt; the caller retries).
+    pub async fn connect(
+        endpoints: &[String],
+        keys: Keyspace,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(connect_timeout)
+            .with_timeout(request_timeout)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+        let mut client = Client::connect(endpoints, Some(options)).await?;
+        // connect() is lazy about the server; make sure it answers.
+        client.status().await?;
+        Ok(Self { client, keys })
+    }
+
+    /// All assignments of `worker` and the revision they were read at.
+    pub async fn assignments_of(
+        &self,
+        worker: &WorkerId,
+    ) -> Result<(BTreeMap<SubscriptionId, Ownership>, i64), StoreError> {
+        let mut client = self.client.clone();
+        let dir = self.keys.assignments_dir();
+        let resp = client
+            .get(dir, Some(GetOptions::new().with_prefix()))
+            .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut owned = BTreeMap::new();
+        for kv in resp.kvs() {
+            if let Some(o) = self.ownership_from(worker, kv.key(), kv.value(), kv.create_revision())
+            {
+                owned.insert(o.subscription_id.clone(), o);
+            }
+        }
+        Ok((owned, revision))
+    }
+
+    /// Parses an assignment key/value; `None` unless it assigns a subscription to `worker`.
+    pub fn ownership_from(
+        &self,
+        worker: &WorkerId,
+        key: &[u8],
+        value: &[u8],
+        create_revision: i64,
+    ) -> Option<Ownership> {
+        let key = std::str::from_utf8(key).ok()?;
+        let Ok(Key::Assignment(id)) = self.keys.parse(key) else {
+            tracing::warn!(key, "ignoring unparsable assignment key");
+            return None;
+        };
+        let assignment: Assignment = match serde_json::from_slice(value) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(key, error = %e, "ignoring unparsable assignment value");
+                return None;
+            }
+        };
+        (assignment.worker_id == *worker).then(|| Ownership {
+            subscription_id: id,
+            generation: create_revision,
+            assignment_value: value.to_vec(),
+        })
+    }
+
+    /// Watches every assignment change after `revision`.
+    pub async fn watch_assignments(&self, revision: i64) -> Result<WatchStream, StoreError> {
+        let mut client = self.client.clone();
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        Ok(client
+            .watch(self.keys.assignments_dir(), Some(options))
+            .await?)
+    }
+
+    /// The keyspace.
+    pub fn keys(&self) -> &Keyspace {
+        &self.keys
+    }
+
+    /// The registered spec of a subscription.
+    pub async fn load_spec(
+        &self,
+        id: &SubscriptionId,
+    ) -> Result<Option<SubscriptionSpec>, StoreError> {
+        let key = self.keys.subscription(id);
+        let resp = self.client.clone().get(key.as_str(), None).await?;
+        resp.kvs()
+            .first()
+            .map(|kv| {
+                serde_json::from_slice(kv.value()).map_err(|e| StoreError::BadValue {
+                    key: key.clone(),
+                    message: e.to_string(),
+                })
+            })
+            .transpose()
+    }
+}
+
+impl CursorStore for EtcdStore {
+    async fn load_cursor(&self, id: &SubscriptionId) -> Result<Option<Cursor>, StoreError> {
+        let key = self.keys.cursor(id);
+        let resp = self.client.clone().get(key.as_str(), None).await?;
+        resp.kvs()
+            .first()
+            .map(|kv| {
+                serde_json::from_slice(kv.value()).map_err(|e| StoreError::BadValue {
+                    key: key.clone(),
+                    message: e.to_string(),
+                })
+            })
+            .transpose()
+    }
+
+    async fn commit_cursor(
+        &self,
+        ownership: &Ownership,
+        cursor: &Cursor,
+    ) -> Result<(), StoreError> {
+        let assignment_key = self.keys.assignment(&ownership.subscription_id);
+        let cursor_key = self.keys.cursor(&ownership.subscription_id);
+        let value = serde_json::to_vec(cursor).expect("cursors serialise");
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(
+                    assignment_key.as_str(),
+                    CompareOp::Equal,
+                    ownership.generation,
+                ),
+                Compare::value(
+                    assignment_key.as_str(),
+                    CompareOp::Equal,
+                    ownership.assignment_value.clone(),
+                ),
+            ])
+            .and_then([TxnOp::put(cursor_key, value, None)]);
+        let resp = self.client.clone().txn(txn).await?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced(ownership.subscription_id.clone()))
+        }
+    }
+}
