@@ -194,7 +194,12 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment = figment.merge(Env::prefixed("HERALD_").split("__"));
+        // HERALD_LOG (the log filter) and HERALD_CONFIG (the file path) are not config keys.
+        figment = figment.merge(
+            Env::prefixed("HERALD_")
+                .ignore(&["log", "config"])
+                .split("__"),
+        );
         let config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
         Ok(config)

@@ -1,0 +1,144 @@
+//! Drives the test contract (`contracts/HeraldTest.sol`) on a dev chain.
+
+use std::time::Duration;
+
+use alloy::network::TransactionBuilder;
+use alloy::providers::{Provider, RootProvider};
+use alloy::rpc::types::TransactionRequest;
+use alloy_dyn_abi::{DynSolValue, JsonAbiExt};
+use alloy_json_abi::JsonAbi;
+use alloy_primitives::{Address, B256, Bytes, U256};
+
+use crate::wait_for;
+
+const ARTIFACT: &str = include_str!("../../contracts/out/HeraldTest.json");
+
+/// Signature of the contract's transfer event, as a subscription names it.
+pub const TRANSFER_EVENT: &str =
+    "event Transfer(address indexed from, address indexed to, uint256 value)";
+/// Signature of the contract's dynamic-types event.
+pub const NOTE_EVENT: &str =
+    "event Note(uint256 indexed seq, string text, bytes payload, uint256[] values)";
+
+/// The k-th Transfer ever emitted by the contract: `(from, to, value)`.
+pub fn expected_transfer(k: u64) -> (Address, Address, U256) {
+    let from = Address::from_word(B256::from(U256::from(0x1000 + k)));
+    let to = Address::from_word(B256::from(U256::from(0x2000 + k)));
+    (from, to, U256::from(k))
+}
+
+/// A deployed HeraldTest contract and a funded sender.
+pub struct TestChain {
+    provider: RootProvider,
+    abi: JsonAbi,
+    from: Address,
+    /// The contract's address.
+    pub contract: Address,
+}
+
+impl TestChain {
+    /// Deploys the contract on the chain at `url` from its first dev account.
+    pub async fn deploy(url: &str) -> anyhow::Result<Self> {
+        let provider = RootProvider::new_http(url.parse()?);
+        let from = *provider
+            .get_accounts()
+            .await?
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("no dev account"))?;
+        let artifact: serde_json::Value = serde_json::from_str(ARTIFACT)?;
+        let abi: JsonAbi = serde_json::from_value(artifact["abi"].clone())?;
+        let code: Bytes = artifact["bytecode"].as_str().unwrap_or_default().parse()?;
+        let mut chain = Self {
+            provider,
+            abi,
+            from,
+            contract: Address::ZERO,
+        };
+        let tx = TransactionRequest::default()
+            .from(from)
+            .with_deploy_code(code);
+        let receipt = chain.send(tx).await?;
+        chain.contract = receipt
+            .contract_address
+            .ok_or_else(|| anyhow::anyhow!("deployment created no contract"))?;
+        Ok(chain)
+    }
+
+    async fn send(
+        &self,
+        tx: TransactionRequest,
+    ) -> anyhow::Result<alloy::rpc::types::TransactionReceipt> {
+        let hash = *self.provider.send_transaction(tx).await?.tx_hash();
+        let receipt = wait_for("a transaction receipt", Duration::from_secs(30), || async {
+            self.provider
+                .get_transaction_receipt(hash)
+                .await
+                .ok()
+                .flatten()
+        })
+        .await?;
+        anyhow::ensure!(receipt.status(), "transaction {hash} reverted");
+        Ok(receipt)
+    }
+
+    async fn call(&self, function: &str, args: &[DynSolValue]) -> anyhow::Result<u64> {
+        let f = self
+            .abi
+            .function(function)
+            .and_then(|f| f.first())
+            .ok_or_else(|| anyhow::anyhow!("no {function}"))?;
+        let input = f.abi_encode_input(args)?;
+        let tx = TransactionRequest::default()
+            .from(self.from)
+            .to(self.contract)
+            .with_input(input);
+        let receipt = self.send(tx).await?;
+        Ok(receipt.block_number.unwrap_or_default())
+    }
+
+    /// Emits `n` Transfers in one transaction; returns its block.
+    pub async fn emit_many(&self, n: u64) -> anyhow::Result<u64> {
+        self.call("emitMany", &[DynSolValue::Uint(U256::from(n), 256)])
+            .await
+    }
+
+    /// Emits one Note; returns its block.
+    pub async fn emit_note(
+        &self,
+        text: &str,
+        payload: &[u8],
+        values: &[u64],
+    ) -> anyhow::Result<u64> {
+        let values = values
+            .iter()
+            .map(|v| DynSolValue::Uint(U256::from(*v), 256))
+            .collect();
+        self.call(
+            "emitNote",
+            &[
+                DynSolValue::String(text.into()),
+                DynSolValue::Bytes(payload.to_vec()),
+                DynSolValue::Array(values),
+            ],
+        )
+        .await
+    }
+
+    /// Emits a log with Transfer's topic0 that does not decode as a Transfer.
+    pub async fn emit_malformed_transfer(&self) -> anyhow::Result<u64> {
+        self.call("emitMalformedTransfer", &[]).await
+    }
+
+    /// Mines `n` empty blocks.
+    pub async fn mine(&self, n: u64) -> anyhow::Result<()> {
+        for _ in 0..n {
+            let _: serde_json::Value = self.provider.raw_request("evm_mine".into(), ()).await?;
+        }
+        Ok(())
+    }
+
+    /// The head block number.
+    pub async fn head(&self) -> anyhow::Result<u64> {
+        Ok(self.provider.get_block_number().await?)
+    }
+}

@@ -1,0 +1,304 @@
+//! herald itself under test: worker processes, registration, and reading the stream back.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use herald_proto::{
+    Assignment, Cursor, EventEnvelope, Keyspace, SubscriptionId, SubscriptionSpec, WorkerId,
+};
+use nix::sys::signal::Signal;
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::process::{ChildProcess, free_port};
+use crate::services::ANVIL_CHAIN_ID;
+use crate::{wait_for, workspace_bin};
+
+/// The stream name tests use.
+pub const STREAM: &str = "HERALD";
+
+/// What a test worker is pointed at.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Worker id.
+    pub worker_id: String,
+    /// etcd client URL.
+    pub etcd: String,
+    /// NATS URL.
+    pub nats: String,
+    /// Chain JSON-RPC URL.
+    pub rpc: String,
+    /// Largest `eth_getLogs` span.
+    pub max_block_range: u64,
+    /// Port for `/metrics`.
+    pub metrics_port: u16,
+}
+
+impl WorkerSettings {
+    /// Settings for worker `worker_id` against the given services.
+    pub fn new(worker_id: &str, etcd: String, nats: String, rpc: String) -> Self {
+        Self {
+            worker_id: worker_id.into(),
+            etcd,
+            nats,
+            rpc,
+            max_block_range: 50,
+            metrics_port: free_port(),
+        }
+    }
+
+    /// The TOML configuration file for these settings.
+    pub fn to_toml(&self) -> String {
+        format!(
+            r#"worker_id = "{id}"
+metrics_listen = "127.0.0.1:{metrics}"
+
+[etcd]
+endpoints = ["{etcd}"]
+connect_timeout = "1s"
+request_timeout = "3s"
+
+[nats]
+url = "{nats}"
+ack_timeout = "2s"
+
+[nats.stream]
+name = "{STREAM}"
+subjects = ["herald.events.>"]
+duplicate_window = "10m"
+
+[[chains]]
+chain_id = {chain}
+rpc_urls = ["{rpc}"]
+poll_interval = "100ms"
+max_block_range = {range}
+request_timeout = "3s"
+"#,
+            id = self.worker_id,
+            metrics = self.metrics_port,
+            etcd = self.etcd,
+            nats = self.nats,
+            chain = ANVIL_CHAIN_ID,
+            rpc = self.rpc,
+            range = self.max_block_range,
+        )
+    }
+}
+
+/// A `herald-worker` process.
+pub struct WorkerProcess {
+    process: ChildProcess,
+    settings: WorkerSettings,
+    _dir: TempDir,
+}
+
+impl WorkerProcess {
+    /// Writes the config and starts the worker. Does not wait for anything.
+    pub fn start(settings: WorkerSettings) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("herald-worker-")
+            .tempdir()?;
+        let config = dir.path().join("worker.toml");
+        std::fs::write(&config, settings.to_toml())?;
+        let process = Self::spawn_with_config(&config, dir.path())?;
+        Ok(Self {
+            process,
+            settings,
+            _dir: dir,
+        })
+    }
+
+    /// Starts `herald-worker --config <path>` with logs in `log_dir`.
+    pub fn spawn_with_config(config: &Path, log_dir: &Path) -> anyhow::Result<ChildProcess> {
+        let args = ["--config".to_owned(), config.to_string_lossy().into_owned()];
+        let envs = [(
+            "HERALD_LOG".to_owned(),
+            "info,herald_worker=debug".to_owned(),
+        )];
+        ChildProcess::spawn(
+            "herald-worker",
+            &workspace_bin("herald-worker"),
+            &args,
+            &envs,
+            log_dir,
+        )
+    }
+
+    /// Its settings.
+    pub fn settings(&self) -> &WorkerSettings {
+        &self.settings
+    }
+
+    /// SIGKILLs it.
+    pub async fn kill(&mut self) {
+        self.process.kill().await;
+    }
+
+    /// SIGTERMs it and waits; returns the exit code.
+    pub async fn terminate(&mut self) -> Option<i32> {
+        self.process.signal(Signal::SIGTERM);
+        self.process.wait().await
+    }
+
+    /// Everything it logged.
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+
+    /// The end of its log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        self.process.log_tail(40)
+    }
+
+    /// Its exit code, if it exited.
+    pub fn try_exit_code(&mut self) -> Option<Option<i32>> {
+        self.process.try_exit_code()
+    }
+
+    /// The value of metric `name` with all of `labels` (`key="value"` pairs), summed.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let text = http_get(self.settings.metrics_port, "/metrics").await?;
+        let mut total = None;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (series, value) = line.rsplit_once(' ')?;
+            let metric_name = series.split('{').next()?;
+            if metric_name != name {
+                continue;
+            }
+            if labels
+                .iter()
+                .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
+            {
+                *total.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+            }
+        }
+        total
+    }
+}
+
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.ok()?;
+    body.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+}
+
+/// Writes `spec` and assigns it to `worker` (as the coordinator will).
+pub async fn register_subscription(
+    etcd: &mut etcd_client::Client,
+    spec: &SubscriptionSpec,
+    worker: &str,
+) -> anyhow::Result<()> {
+    let keys = Keyspace::default();
+    etcd.put(keys.subscription(&spec.id), serde_json::to_vec(spec)?, None)
+        .await?;
+    let assignment = Assignment {
+        worker_id: WorkerId::new(worker)?,
+    };
+    etcd.put(
+        keys.assignment(&spec.id),
+        serde_json::to_vec(&assignment)?,
+        None,
+    )
+    .await?;
+    Ok(())
+}
+
+/// The stored cursor of a subscription.
+pub async fn read_cursor(
+    etcd: &mut etcd_client::Client,
+    id: &SubscriptionId,
+) -> anyhow::Result<Option<Cursor>> {
+    let resp = etcd.get(Keyspace::default().cursor(id), None).await?;
+    Ok(match resp.kvs().first() {
+        Some(kv) => Some(serde_json::from_slice(kv.value())?),
+        None => None,
+    })
+}
+
+/// Reads messages back from the stream, as a consumer would.
+pub struct StreamReader {
+    js: jetstream::Context,
+}
+
+impl StreamReader {
+    /// Connects to NATS at `url`.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let client = async_nats::connect(url).await?;
+        Ok(Self {
+            js: jetstream::new(client),
+        })
+    }
+
+    /// Every message stored on `subject`, in stream order.
+    pub async fn read_all(&self, subject: &str) -> anyhow::Result<Vec<EventEnvelope>> {
+        let stream = match self.js.get_stream(STREAM).await {
+            Ok(s) => s,
+            Err(_) => return Ok(Vec::new()),
+        };
+        let consumer: consumer::PullConsumer = stream
+            .create_consumer(consumer::pull::Config {
+                filter_subject: subject.to_owned(),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await?;
+        let mut out = Vec::new();
+        loop {
+            let pending = consumer.clone().info().await?.num_pending;
+            if pending == 0 {
+                break;
+            }
+            let mut batch = consumer
+                .fetch()
+                .max_messages(1000)
+                .expires(Duration::from_secs(2))
+                .messages()
+                .await?;
+            let mut got = 0;
+            while let Some(message) = futures::StreamExt::next(&mut batch).await {
+                let message = message.map_err(|e| anyhow::anyhow!("{e}"))?;
+                out.push(serde_json::from_slice(&message.payload)?);
+                got += 1;
+            }
+            anyhow::ensure!(
+                got > 0,
+                "consumer reported {pending} pending but delivered none"
+            );
+        }
+        let _ = stream
+            .delete_consumer(consumer.cached_info().name.as_str())
+            .await;
+        Ok(out)
+    }
+
+    /// Waits until `subject` holds at least `count` messages, then returns all of them.
+    pub async fn wait_for_count(
+        &self,
+        subject: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<EventEnvelope>> {
+        let last = std::sync::atomic::AtomicUsize::new(0);
+        let result = wait_for(
+            &format!("{count} messages on {subject}"),
+            timeout,
+            || async {
+                let all = self.read_all(subject).await.ok()?;
+                last.store(all.len(), std::sync::atomic::Ordering::Relaxed);
+                (all.len() >= count).then_some(all)
+            },
+        )
+        .await;
+        result.map_err(|e| anyhow::anyhow!("{e} (saw {})", last.into_inner()))
+    }
+}
