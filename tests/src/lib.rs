@@ -9,9 +9,11 @@
 //! - [`services`]: [`Etcd`], [`Nats`], [`Anvil`].
 //! - [`chain`]: deploys and drives the test contract (`contracts/HeraldTest.sol`).
 //! - [`herald`]: worker processes, subscription registration, reading the stream back.
+//! - [`check`]: assertions over what a consumer reads and what etcd recorded.
 //! - [`wait`]: polling a condition with a deadline (tests never sleep for a fixed time).
 
 pub mod chain;
+pub mod check;
 pub mod herald;
 pub mod process;
 pub mod services;

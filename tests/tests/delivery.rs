@@ -3,41 +3,14 @@
 use std::time::Duration;
 
 use alloy_primitives::U256;
-use herald_proto::EventEnvelope;
-use herald_tests::chain::{NOTE_EVENT, TRANSFER_EVENT, expected_transfer};
+use herald_tests::chain::{NOTE_EVENT, TRANSFER_EVENT};
+use herald_tests::check::assert_exact_transfers;
 use herald_tests::herald::read_cursor;
 use herald_tests::{
     Stack, StreamReader, WorkerProcess, init_tracing, register_subscription, wait_for,
 };
 
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(180);
-
-/// Asserts that `messages` are exactly Transfers number 0..count, in order, decoded right.
-pub fn assert_exact_transfers(messages: &[EventEnvelope], count: u64) {
-    assert_eq!(
-        messages.len() as u64,
-        count,
-        "expected exactly {count} transfers"
-    );
-    let mut last_position = None;
-    for (k, m) in messages.iter().enumerate() {
-        let (from, to, value) = expected_transfer(k as u64);
-        assert_eq!(m.decode_error, None, "message {k}");
-        assert_eq!(
-            m.args["value"],
-            value.to_string(),
-            "message {k} out of order or duplicated"
-        );
-        assert_eq!(m.args["from"], from.to_checksum(None), "message {k}");
-        assert_eq!(m.args["to"], to.to_checksum(None), "message {k}");
-        assert!(!m.removed);
-        assert!(
-            Some(m.position()) > last_position,
-            "message {k} not in (block, log index) order"
-        );
-        last_position = Some(m.position());
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_then_live_arrive_exactly_once_in_order_and_decoded() -> anyhow::Result<()> {

@@ -72,7 +72,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         async_nats::ConnectOptions::new()
             .connection_timeout(std::time::Duration::from_secs(5))
             .max_reconnects(None)
-            .retry_on_initial_connect()
     };
     let Some(client) = retry("connect to nats", &shutdown, || async {
         let client = nats_options().connect(config.nats.url.as_str()).await?;

@@ -1,0 +1,77 @@
+//! Assertions over what a consumer reads and what etcd recorded.
+
+use etcd_client::WatchOptions;
+use herald_proto::{Cursor, EventEnvelope, Keyspace, SubscriptionId};
+
+use crate::chain::expected_transfer;
+
+/// Asserts that `messages` are exactly Transfers number 0..count, in order, decoded right.
+pub fn assert_exact_transfers(messages: &[EventEnvelope], count: u64) {
+    assert_eq!(
+        messages.len() as u64,
+        count,
+        "expected exactly {count} transfers"
+    );
+    let mut last_position = None;
+    for (k, m) in messages.iter().enumerate() {
+        let (from, to, value) = expected_transfer(k as u64);
+        assert_eq!(m.decode_error, None, "message {k}");
+        assert_eq!(
+            m.args["value"],
+            value.to_string(),
+            "message {k} out of order or duplicated"
+        );
+        assert_eq!(m.args["from"], from.to_checksum(None), "message {k}");
+        assert_eq!(m.args["to"], to.to_checksum(None), "message {k}");
+        assert!(!m.removed);
+        assert!(
+            Some(m.position()) > last_position,
+            "message {k} not in (block, log index) order"
+        );
+        last_position = Some(m.position());
+    }
+}
+
+/// Every value the cursor of `id` ever had, oldest first, from etcd's history.
+pub async fn cursor_history(
+    etcd: &mut etcd_client::Client,
+    id: &SubscriptionId,
+) -> anyhow::Result<Vec<Cursor>> {
+    let key = Keyspace::default().cursor(id);
+    let current = etcd.get(key.as_str(), None).await?;
+    let Some(last) = current.kvs().first().map(|kv| kv.mod_revision()) else {
+        return Ok(Vec::new());
+    };
+    let mut watch = etcd
+        .watch(
+            key.as_str(),
+            Some(WatchOptions::new().with_start_revision(1)),
+        )
+        .await?;
+    let mut history = Vec::new();
+    while let Some(response) = watch.message().await? {
+        for event in response.events() {
+            if let Some(kv) = event.kv() {
+                if !kv.value().is_empty() {
+                    history.push(serde_json::from_slice(kv.value())?);
+                }
+                if kv.mod_revision() >= last {
+                    return Ok(history);
+                }
+            }
+        }
+    }
+    anyhow::bail!("cursor watch ended early")
+}
+
+/// Asserts the cursor's block number never decreased.
+pub fn assert_monotonic(history: &[Cursor]) {
+    for pair in history.windows(2) {
+        assert!(
+            pair[1].block_number >= pair[0].block_number,
+            "cursor moved backwards: {} -> {}",
+            pair[0].block_number,
+            pair[1].block_number
+        );
+    }
+}
