@@ -23,9 +23,7 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let a = Assignment {
-            worker_id: WorkerId::new("w-1").unwrap(),
-        };
+        let a = Assignment { worker_id: WorkerId::new("w-1").unwrap() };
         let json = serde_json::to_string(&a).unwrap();
         assert_eq!(json, r#"{"worker_id":"w-1"}"#);
         assert_eq!(serde_json::from_str::<Assignment>(&json).unwrap(), a);

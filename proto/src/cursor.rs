@@ -32,10 +32,7 @@ mod tests {
 
     #[test]
     fn round_trips_through_json() {
-        let c = Cursor {
-            block_number: 42,
-            block_hash: B256::repeat_byte(7),
-        };
+        let c = Cursor { block_number: 42, block_hash: B256::repeat_byte(7) };
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<Cursor>(&json).unwrap(), c);
         assert_eq!(c.next_block(), 43);

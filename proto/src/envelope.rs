@@ -56,13 +56,7 @@ pub struct EventEnvelope {
 impl EventEnvelope {
     /// The JetStream dedup id of this message; see [`msg_id`].
     pub fn msg_id(&self) -> String {
-        msg_id(
-            self.chain_id,
-            &self.subscription_id,
-            &self.block_hash,
-            self.log_index,
-            self.removed,
-        )
+        msg_id(self.chain_id, &self.subscription_id, &self.block_hash, self.log_index, self.removed)
     }
 
     /// Position of the log in the subscription's order: (block number, log index).

@@ -36,10 +36,7 @@ fn validate_id(s: &str) -> Result<(), IdError> {
     if s.len() > MAX_ID_LEN {
         return Err(IdError::TooLong(s.len()));
     }
-    match s
-        .chars()
-        .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '_' | '-'))
-    {
+    match s.chars().find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '_' | '-')) {
         Some(c) => Err(IdError::BadChar(c)),
         None => Ok(()),
     }
@@ -118,10 +115,7 @@ mod tests {
     #[test]
     fn rejects_bad_ids() {
         assert_eq!(SubscriptionId::new(""), Err(IdError::Empty));
-        assert_eq!(
-            SubscriptionId::new("a".repeat(65)),
-            Err(IdError::TooLong(65))
-        );
+        assert_eq!(SubscriptionId::new("a".repeat(65)), Err(IdError::TooLong(65)));
         assert_eq!(SubscriptionId::new("a/b"), Err(IdError::BadChar('/')));
         assert_eq!(SubscriptionId::new("a.b"), Err(IdError::BadChar('.')));
         assert_eq!(SubscriptionId::new("Upper"), Err(IdError::BadChar('U')));

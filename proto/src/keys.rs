@@ -67,9 +67,7 @@ pub struct Keyspace {
 
 impl Default for Keyspace {
     fn default() -> Self {
-        Self {
-            prefix: DEFAULT_PREFIX.to_owned(),
-        }
+        Self { prefix: DEFAULT_PREFIX.to_owned() }
     }
 }
 
@@ -80,11 +78,7 @@ impl Keyspace {
         let ok = prefix.starts_with('/')
             && !prefix.ends_with('/')
             && prefix[1..].split('/').all(|seg| !seg.is_empty());
-        if ok {
-            Ok(Self { prefix })
-        } else {
-            Err(KeyError::BadPrefix(prefix))
-        }
+        if ok { Ok(Self { prefix }) } else { Err(KeyError::BadPrefix(prefix)) }
     }
 
     /// The prefix, without a trailing slash.
@@ -142,17 +136,10 @@ impl Keyspace {
         if rest == LEADER {
             return Ok(Key::Leader);
         }
-        let (kind, id) = rest
-            .split_once('/')
-            .ok_or_else(|| KeyError::Unknown(key.to_owned()))?;
-        let bad_id = |source| KeyError::BadId {
-            key: key.to_owned(),
-            source,
-        };
+        let (kind, id) = rest.split_once('/').ok_or_else(|| KeyError::Unknown(key.to_owned()))?;
+        let bad_id = |source| KeyError::BadId { key: key.to_owned(), source };
         match kind {
-            SUBSCRIPTIONS => SubscriptionId::new(id)
-                .map(Key::Subscription)
-                .map_err(bad_id),
+            SUBSCRIPTIONS => SubscriptionId::new(id).map(Key::Subscription).map_err(bad_id),
             ASSIGNMENTS => SubscriptionId::new(id).map(Key::Assignment).map_err(bad_id),
             CURSORS => SubscriptionId::new(id).map(Key::Cursor).map_err(bad_id),
             WORKERS => WorkerId::new(id).map(Key::Worker).map_err(bad_id),
@@ -185,45 +172,20 @@ mod tests {
     fn prefixes_are_validated() {
         assert!(Keyspace::new("/prod/herald").is_ok());
         for bad in ["", "herald", "/herald/", "//herald", "/a//b"] {
-            assert_eq!(
-                Keyspace::new(bad),
-                Err(KeyError::BadPrefix(bad.to_owned())),
-                "{bad}"
-            );
+            assert_eq!(Keyspace::new(bad), Err(KeyError::BadPrefix(bad.to_owned())), "{bad}");
         }
     }
 
     #[test]
     fn bad_keys_are_rejected() {
         let ks = Keyspace::default();
-        assert!(matches!(
-            ks.parse("/other/cursors/a"),
-            Err(KeyError::OutsidePrefix(_))
-        ));
-        assert!(matches!(
-            ks.parse("/heraldx/cursors/a"),
-            Err(KeyError::OutsidePrefix(_))
-        ));
-        assert!(matches!(
-            ks.parse("/herald/nope/a"),
-            Err(KeyError::Unknown(_))
-        ));
-        assert!(matches!(
-            ks.parse("/herald/cursors"),
-            Err(KeyError::Unknown(_))
-        ));
-        assert!(matches!(
-            ks.parse("/herald/cursors/"),
-            Err(KeyError::BadId { .. })
-        ));
-        assert!(matches!(
-            ks.parse("/herald/cursors/a/b"),
-            Err(KeyError::BadId { .. })
-        ));
-        assert!(matches!(
-            ks.parse("/herald/workers/W"),
-            Err(KeyError::BadId { .. })
-        ));
+        assert!(matches!(ks.parse("/other/cursors/a"), Err(KeyError::OutsidePrefix(_))));
+        assert!(matches!(ks.parse("/heraldx/cursors/a"), Err(KeyError::OutsidePrefix(_))));
+        assert!(matches!(ks.parse("/herald/nope/a"), Err(KeyError::Unknown(_))));
+        assert!(matches!(ks.parse("/herald/cursors"), Err(KeyError::Unknown(_))));
+        assert!(matches!(ks.parse("/herald/cursors/"), Err(KeyError::BadId { .. })));
+        assert!(matches!(ks.parse("/herald/cursors/a/b"), Err(KeyError::BadId { .. })));
+        assert!(matches!(ks.parse("/herald/workers/W"), Err(KeyError::BadId { .. })));
     }
 
     proptest! {

@@ -86,9 +86,6 @@ mod tests {
         ] {
             assert_eq!(validate_publish_subject(bad), Err(want), "{bad:?}");
         }
-        assert_eq!(
-            validate_publish_subject(&"a".repeat(256)),
-            Err(SubjectError::TooLong)
-        );
+        assert_eq!(validate_publish_subject(&"a".repeat(256)), Err(SubjectError::TooLong));
     }
 }

@@ -53,9 +53,7 @@ pub struct SubscriptionSpec {
 impl SubscriptionSpec {
     /// The subject this subscription publishes to.
     pub fn subject(&self) -> String {
-        self.subject
-            .clone()
-            .unwrap_or_else(|| subjects::default_subject(self.chain_id, &self.id))
+        self.subject.clone().unwrap_or_else(|| subjects::default_subject(self.chain_id, &self.id))
     }
 
     /// Validates the spec and compiles its event and filters.
@@ -67,10 +65,7 @@ impl SubscriptionSpec {
         if self.confirmations > MAX_CONFIRMATIONS {
             return Err(SpecError::new(
                 "confirmations",
-                format!(
-                    "must be at most {MAX_CONFIRMATIONS}, got {}",
-                    self.confirmations
-                ),
+                format!("must be at most {MAX_CONFIRMATIONS}, got {}", self.confirmations),
             ));
         }
         CompiledEvent::compile(&self.event, &self.filters)
@@ -94,14 +89,9 @@ impl EventDefinition {
         match self {
             Self::Signature(sig) => {
                 let sig = sig.trim();
-                let full = if sig.starts_with("event ") {
-                    sig.to_owned()
-                } else {
-                    format!("event {sig}")
-                };
-                Event::parse(&full).map_err(|e| {
-                    SpecError::new("event", format!("not a valid event signature: {e}"))
-                })
+                let full = if sig.starts_with("event ") { sig.to_owned() } else { format!("event {sig}") };
+                Event::parse(&full)
+                    .map_err(|e| SpecError::new("event", format!("not a valid event signature: {e}")))
             }
             Self::Fragment(event) => Ok(event.clone()),
         }
@@ -159,10 +149,7 @@ pub struct SpecError {
 
 impl SpecError {
     fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
+        Self { field: field.into(), message: message.into() }
     }
 }
 
@@ -200,17 +187,11 @@ impl CompiledEvent {
     ) -> Result<Self, SpecError> {
         let event = definition.parse()?;
         if event.anonymous {
-            return Err(SpecError::new(
-                "event",
-                "anonymous events have no topic0 to match",
-            ));
+            return Err(SpecError::new("event", "anonymous events have no topic0 to match"));
         }
         for (i, input) in event.inputs.iter().enumerate() {
             DynSolType::parse(&input.selector_type()).map_err(|e| {
-                SpecError::new(
-                    format!("event.inputs[{i}]"),
-                    format!("unsupported type: {e}"),
-                )
+                SpecError::new(format!("event.inputs[{i}]"), format!("unsupported type: {e}"))
             })?;
         }
         let mut topic_filters: [Option<Vec<B256>>; INDEXED_TOPICS] = Default::default();
@@ -223,10 +204,7 @@ impl CompiledEvent {
                 .enumerate()
                 .find(|(_, p)| &p.name == name)
                 .ok_or_else(|| {
-                    SpecError::new(
-                        &field,
-                        format!("{name:?} is not an indexed parameter of the event"),
-                    )
+                    SpecError::new(&field, format!("{name:?} is not an indexed parameter of the event"))
                 })?;
             if values.is_empty() {
                 return Err(SpecError::new(&field, "needs at least one value"));
@@ -239,12 +217,7 @@ impl CompiledEvent {
                 .collect::<Result<Vec<_>, _>>()?;
             topic_filters[position] = Some(topics);
         }
-        Ok(Self {
-            selector: event.selector(),
-            signature: event.signature(),
-            event,
-            topic_filters,
-        })
+        Ok(Self { selector: event.selector(), signature: event.signature(), event, topic_filters })
     }
 
     /// Whether a log with these topics is one this subscription wants.
@@ -252,13 +225,10 @@ impl CompiledEvent {
         if topics.first() != Some(&self.selector) {
             return false;
         }
-        self.topic_filters
-            .iter()
-            .enumerate()
-            .all(|(i, accepted)| match accepted {
-                None => true,
-                Some(values) => topics.get(i + 1).is_some_and(|t| values.contains(t)),
-            })
+        self.topic_filters.iter().enumerate().all(|(i, accepted)| match accepted {
+            None => true,
+            Some(values) => topics.get(i + 1).is_some_and(|t| values.contains(t)),
+        })
     }
 }
 
@@ -267,20 +237,15 @@ fn topic_for(ty: &DynSolType, value: &str) -> Result<B256, String> {
     match ty {
         DynSolType::String => Ok(keccak256(value.as_bytes())),
         DynSolType::Bytes => {
-            let v = ty
-                .coerce_str(value)
-                .map_err(|e| format!("{value:?} is not bytes: {e}"))?;
+            let v = ty.coerce_str(value).map_err(|e| format!("{value:?} is not bytes: {e}"))?;
             Ok(keccak256(v.abi_encode_packed()))
         }
         DynSolType::Array(_) | DynSolType::FixedArray(..) | DynSolType::Tuple(_) => {
             Err("filtering on an indexed array or tuple is not supported".into())
         }
         _ => {
-            let v: DynSolValue = ty
-                .coerce_str(value)
-                .map_err(|e| format!("{value:?} is not a {ty}: {e}"))?;
-            v.as_word()
-                .ok_or_else(|| format!("{ty} values cannot be used as a topic"))
+            let v: DynSolValue = ty.coerce_str(value).map_err(|e| format!("{value:?} is not a {ty}: {e}"))?;
+            v.as_word().ok_or_else(|| format!("{ty} values cannot be used as a topic"))
         }
     }
 }
@@ -290,8 +255,7 @@ mod tests {
     use super::*;
     use alloy_primitives::address;
 
-    const TRANSFER: &str =
-        "event Transfer(address indexed from, address indexed to, uint256 value)";
+    const TRANSFER: &str = "event Transfer(address indexed from, address indexed to, uint256 value)";
 
     fn spec(json: serde_json::Value) -> SubscriptionSpec {
         serde_json::from_value(json).unwrap()
@@ -335,14 +299,8 @@ mod tests {
     fn start_block_accepts_numbers_strings_and_latest() {
         let parse = |v: serde_json::Value| serde_json::from_value::<StartBlock>(v);
         assert_eq!(parse(serde_json::json!(7)).unwrap(), StartBlock::Number(7));
-        assert_eq!(
-            parse(serde_json::json!("7")).unwrap(),
-            StartBlock::Number(7)
-        );
-        assert_eq!(
-            parse(serde_json::json!("latest")).unwrap(),
-            StartBlock::Latest
-        );
+        assert_eq!(parse(serde_json::json!("7")).unwrap(), StartBlock::Number(7));
+        assert_eq!(parse(serde_json::json!("latest")).unwrap(), StartBlock::Latest);
         let err = parse(serde_json::json!("soon")).unwrap_err().to_string();
         assert!(err.contains("start_block"), "{err}");
         assert_eq!(serde_json::to_value(StartBlock::Latest).unwrap(), "latest");
@@ -368,10 +326,7 @@ mod tests {
         let mut s = transfer_spec();
         s.event = EventDefinition::Signature("event Named(string indexed name)".into());
         s.filters.insert("name".into(), vec!["alice".into()]);
-        assert_eq!(
-            s.compile().unwrap().topic_filters[0],
-            Some(vec![keccak256("alice")])
-        );
+        assert_eq!(s.compile().unwrap().topic_filters[0], Some(vec![keccak256("alice")]));
     }
 
     #[test]

@@ -14,11 +14,9 @@ use crate::wait_for;
 const ARTIFACT: &str = include_str!("../../contracts/out/HeraldTest.json");
 
 /// Signature of the contract's transfer event, as a subscription names it.
-pub const TRANSFER_EVENT: &str =
-    "event Transfer(address indexed from, address indexed to, uint256 value)";
+pub const TRANSFER_EVENT: &str = "event Transfer(address indexed from, address indexed to, uint256 value)";
 /// Signature of the contract's dynamic-types event.
-pub const NOTE_EVENT: &str =
-    "event Note(uint256 indexed seq, string text, bytes payload, uint256[] values)";
+pub const NOTE_EVENT: &str = "event Note(uint256 indexed seq, string text, bytes payload, uint256[] values)";
 
 /// The k-th Transfer ever emitted by the contract: `(from, to, value)`.
 pub fn expected_transfer(k: u64) -> (Address, Address, U256) {
@@ -40,41 +38,23 @@ impl TestChain {
     /// Deploys the contract on the chain at `url` from its first dev account.
     pub async fn deploy(url: &str) -> anyhow::Result<Self> {
         let provider = RootProvider::new_http(url.parse()?);
-        let from = *provider
-            .get_accounts()
-            .await?
-            .first()
-            .ok_or_else(|| anyhow::anyhow!("no dev account"))?;
+        let from =
+            *provider.get_accounts().await?.first().ok_or_else(|| anyhow::anyhow!("no dev account"))?;
         let artifact: serde_json::Value = serde_json::from_str(ARTIFACT)?;
         let abi: JsonAbi = serde_json::from_value(artifact["abi"].clone())?;
         let code: Bytes = artifact["bytecode"].as_str().unwrap_or_default().parse()?;
-        let mut chain = Self {
-            provider,
-            abi,
-            from,
-            contract: Address::ZERO,
-        };
-        let tx = TransactionRequest::default()
-            .from(from)
-            .with_deploy_code(code);
+        let mut chain = Self { provider, abi, from, contract: Address::ZERO };
+        let tx = TransactionRequest::default().from(from).with_deploy_code(code);
         let receipt = chain.send(tx).await?;
-        chain.contract = receipt
-            .contract_address
-            .ok_or_else(|| anyhow::anyhow!("deployment created no contract"))?;
+        chain.contract =
+            receipt.contract_address.ok_or_else(|| anyhow::anyhow!("deployment created no contract"))?;
         Ok(chain)
     }
 
-    async fn send(
-        &self,
-        tx: TransactionRequest,
-    ) -> anyhow::Result<alloy::rpc::types::TransactionReceipt> {
+    async fn send(&self, tx: TransactionRequest) -> anyhow::Result<alloy::rpc::types::TransactionReceipt> {
         let hash = *self.provider.send_transaction(tx).await?.tx_hash();
         let receipt = wait_for("a transaction receipt", Duration::from_secs(30), || async {
-            self.provider
-                .get_transaction_receipt(hash)
-                .await
-                .ok()
-                .flatten()
+            self.provider.get_transaction_receipt(hash).await.ok().flatten()
         })
         .await?;
         anyhow::ensure!(receipt.status(), "transaction {hash} reverted");
@@ -88,31 +68,19 @@ impl TestChain {
             .and_then(|f| f.first())
             .ok_or_else(|| anyhow::anyhow!("no {function}"))?;
         let input = f.abi_encode_input(args)?;
-        let tx = TransactionRequest::default()
-            .from(self.from)
-            .to(self.contract)
-            .with_input(input);
+        let tx = TransactionRequest::default().from(self.from).to(self.contract).with_input(input);
         let receipt = self.send(tx).await?;
         Ok(receipt.block_number.unwrap_or_default())
     }
 
     /// Emits `n` Transfers in one transaction; returns its block.
     pub async fn emit_many(&self, n: u64) -> anyhow::Result<u64> {
-        self.call("emitMany", &[DynSolValue::Uint(U256::from(n), 256)])
-            .await
+        self.call("emitMany", &[DynSolValue::Uint(U256::from(n), 256)]).await
     }
 
     /// Emits one Note; returns its block.
-    pub async fn emit_note(
-        &self,
-        text: &str,
-        payload: &[u8],
-        values: &[u64],
-    ) -> anyhow::Result<u64> {
-        let values = values
-            .iter()
-            .map(|v| DynSolValue::Uint(U256::from(*v), 256))
-            .collect();
+    pub async fn emit_note(&self, text: &str, payload: &[u8], values: &[u64]) -> anyhow::Result<u64> {
+        let values = values.iter().map(|v| DynSolValue::Uint(U256::from(*v), 256)).collect();
         self.call(
             "emitNote",
             &[

@@ -7,27 +7,16 @@ use crate::chain::expected_transfer;
 
 /// Asserts that `messages` are exactly Transfers number 0..count, in order, decoded right.
 pub fn assert_exact_transfers(messages: &[EventEnvelope], count: u64) {
-    assert_eq!(
-        messages.len() as u64,
-        count,
-        "expected exactly {count} transfers"
-    );
+    assert_eq!(messages.len() as u64, count, "expected exactly {count} transfers");
     let mut last_position = None;
     for (k, m) in messages.iter().enumerate() {
         let (from, to, value) = expected_transfer(k as u64);
         assert_eq!(m.decode_error, None, "message {k}");
-        assert_eq!(
-            m.args["value"],
-            value.to_string(),
-            "message {k} out of order or duplicated"
-        );
+        assert_eq!(m.args["value"], value.to_string(), "message {k} out of order or duplicated");
         assert_eq!(m.args["from"], from.to_checksum(None), "message {k}");
         assert_eq!(m.args["to"], to.to_checksum(None), "message {k}");
         assert!(!m.removed);
-        assert!(
-            Some(m.position()) > last_position,
-            "message {k} not in (block, log index) order"
-        );
+        assert!(Some(m.position()) > last_position, "message {k} not in (block, log index) order");
         last_position = Some(m.position());
     }
 }
@@ -42,12 +31,7 @@ pub async fn cursor_history(
     let Some(last) = current.kvs().first().map(|kv| kv.mod_revision()) else {
         return Ok(Vec::new());
     };
-    let mut watch = etcd
-        .watch(
-            key.as_str(),
-            Some(WatchOptions::new().with_start_revision(1)),
-        )
-        .await?;
+    let mut watch = etcd.watch(key.as_str(), Some(WatchOptions::new().with_start_revision(1))).await?;
     let mut history = Vec::new();
     while let Some(response) = watch.message().await? {
         for event in response.events() {

@@ -4,9 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
-use herald_proto::{
-    Assignment, Cursor, EventEnvelope, Keyspace, SubscriptionId, SubscriptionSpec, WorkerId,
-};
+use herald_proto::{Assignment, Cursor, EventEnvelope, Keyspace, SubscriptionId, SubscriptionSpec, WorkerId};
 use nix::sys::signal::Signal;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,14 +36,7 @@ pub struct WorkerSettings {
 impl WorkerSettings {
     /// Settings for worker `worker_id` against the given services.
     pub fn new(worker_id: &str, etcd: String, nats: String, rpc: String) -> Self {
-        Self {
-            worker_id: worker_id.into(),
-            etcd,
-            nats,
-            rpc,
-            max_block_range: 50,
-            metrics_port: free_port(),
-        }
+        Self { worker_id: worker_id.into(), etcd, nats, rpc, max_block_range: 50, metrics_port: free_port() }
     }
 
     /// The TOML configuration file for these settings.
@@ -96,33 +87,18 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Writes the config and starts the worker. Does not wait for anything.
     pub fn start(settings: WorkerSettings) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("herald-worker-")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("herald-worker-").tempdir()?;
         let config = dir.path().join("worker.toml");
         std::fs::write(&config, settings.to_toml())?;
         let process = Self::spawn_with_config(&config, dir.path())?;
-        Ok(Self {
-            process,
-            settings,
-            _dir: dir,
-        })
+        Ok(Self { process, settings, _dir: dir })
     }
 
     /// Starts `herald-worker --config <path>` with logs in `log_dir`.
     pub fn spawn_with_config(config: &Path, log_dir: &Path) -> anyhow::Result<ChildProcess> {
         let args = ["--config".to_owned(), config.to_string_lossy().into_owned()];
-        let envs = [(
-            "HERALD_LOG".to_owned(),
-            "info,herald_worker=debug".to_owned(),
-        )];
-        ChildProcess::spawn(
-            "herald-worker",
-            &workspace_bin("herald-worker"),
-            &args,
-            &envs,
-            log_dir,
-        )
+        let envs = [("HERALD_LOG".to_owned(), "info,herald_worker=debug".to_owned())];
+        ChildProcess::spawn("herald-worker", &workspace_bin("herald-worker"), &args, &envs, log_dir)
     }
 
     /// Its settings.
@@ -166,10 +142,7 @@ impl WorkerProcess {
             if metric_name != name {
                 continue;
             }
-            if labels
-                .iter()
-                .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
-            {
+            if labels.iter().all(|(k, v)| series.contains(&format!("{k}=\"{v}\""))) {
                 *total.get_or_insert(0.0) += value.parse::<f64>().ok()?;
             }
         }
@@ -178,13 +151,8 @@ impl WorkerProcess {
 }
 
 async fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await.ok()?;
     let mut body = String::new();
     stream.read_to_string(&mut body).await.ok()?;
     body.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
@@ -197,17 +165,9 @@ pub async fn register_subscription(
     worker: &str,
 ) -> anyhow::Result<()> {
     let keys = Keyspace::default();
-    etcd.put(keys.subscription(&spec.id), serde_json::to_vec(spec)?, None)
-        .await?;
-    let assignment = Assignment {
-        worker_id: WorkerId::new(worker)?,
-    };
-    etcd.put(
-        keys.assignment(&spec.id),
-        serde_json::to_vec(&assignment)?,
-        None,
-    )
-    .await?;
+    etcd.put(keys.subscription(&spec.id), serde_json::to_vec(spec)?, None).await?;
+    let assignment = Assignment { worker_id: WorkerId::new(worker)? };
+    etcd.put(keys.assignment(&spec.id), serde_json::to_vec(&assignment)?, None).await?;
     Ok(())
 }
 
@@ -232,9 +192,7 @@ impl StreamReader {
     /// Connects to NATS at `url`.
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
         let client = async_nats::connect(url).await?;
-        Ok(Self {
-            js: jetstream::new(client),
-        })
+        Ok(Self { js: jetstream::new(client) })
     }
 
     /// Every message stored on `subject`, in stream order.
@@ -258,26 +216,17 @@ impl StreamReader {
             if pending == 0 {
                 break;
             }
-            let mut batch = consumer
-                .fetch()
-                .max_messages(1000)
-                .expires(Duration::from_secs(2))
-                .messages()
-                .await?;
+            let mut batch =
+                consumer.fetch().max_messages(1000).expires(Duration::from_secs(2)).messages().await?;
             let mut got = 0;
             while let Some(message) = futures::StreamExt::next(&mut batch).await {
                 let message = message.map_err(|e| anyhow::anyhow!("{e}"))?;
                 out.push(serde_json::from_slice(&message.payload)?);
                 got += 1;
             }
-            anyhow::ensure!(
-                got > 0,
-                "consumer reported {pending} pending but delivered none"
-            );
+            anyhow::ensure!(got > 0, "consumer reported {pending} pending but delivered none");
         }
-        let _ = stream
-            .delete_consumer(consumer.cached_info().name.as_str())
-            .await;
+        let _ = stream.delete_consumer(consumer.cached_info().name.as_str()).await;
         Ok(out)
     }
 
@@ -289,15 +238,11 @@ impl StreamReader {
         timeout: Duration,
     ) -> anyhow::Result<Vec<EventEnvelope>> {
         let last = std::sync::atomic::AtomicUsize::new(0);
-        let result = wait_for(
-            &format!("{count} messages on {subject}"),
-            timeout,
-            || async {
-                let all = self.read_all(subject).await.ok()?;
-                last.store(all.len(), std::sync::atomic::Ordering::Relaxed);
-                (all.len() >= count).then_some(all)
-            },
-        )
+        let result = wait_for(&format!("{count} messages on {subject}"), timeout, || async {
+            let all = self.read_all(subject).await.ok()?;
+            last.store(all.len(), std::sync::atomic::Ordering::Relaxed);
+            (all.len() >= count).then_some(all)
+        })
         .await;
         result.map_err(|e| anyhow::anyhow!("{e} (saw {})", last.into_inner()))
     }

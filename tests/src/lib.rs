@@ -28,21 +28,14 @@ use std::path::PathBuf;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
 /// Path of an external tool: `.tools/bin/<name>` (installed by `scripts/install-deps.sh`),
 /// else whatever `PATH` has.
 pub fn tool(name: &str) -> PathBuf {
     let local = repo_root().join(".tools/bin").join(name);
-    if local.exists() {
-        local
-    } else {
-        PathBuf::from(name)
-    }
+    if local.exists() { local } else { PathBuf::from(name) }
 }
 
 /// Path of a binary built from this workspace (e.g. `herald-worker`), found next to the
@@ -55,10 +48,7 @@ pub fn workspace_bin(name: &str) -> PathBuf {
             return candidate;
         }
     }
-    panic!(
-        "{name} is not built next to {}; run `cargo build --bins` first",
-        exe.display()
-    );
+    panic!("{name} is not built next to {}; run `cargo build --bins` first", exe.display());
 }
 
 /// Installs a tracing subscriber for test output (idempotent).
@@ -89,22 +79,12 @@ impl Stack {
     pub async fn start() -> anyhow::Result<Self> {
         let (etcd, nats, anvil) = tokio::try_join!(Etcd::start(), Nats::start(), Anvil::start())?;
         let chain = TestChain::deploy(&anvil.url()).await?;
-        Ok(Self {
-            etcd,
-            nats,
-            anvil,
-            chain,
-        })
+        Ok(Self { etcd, nats, anvil, chain })
     }
 
     /// Settings for a worker pointed at this stack.
     pub fn worker_settings(&self, worker_id: &str) -> herald::WorkerSettings {
-        herald::WorkerSettings::new(
-            worker_id,
-            self.etcd.endpoint(),
-            self.nats.url(),
-            self.anvil.url(),
-        )
+        herald::WorkerSettings::new(worker_id, self.etcd.endpoint(), self.nats.url(), self.anvil.url())
     }
 
     /// A subscription to the test contract's `event` (see [`chain::TRANSFER_EVENT`]) from block 0.

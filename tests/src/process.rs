@@ -25,10 +25,7 @@ impl ChildProcess {
         log_dir: &Path,
     ) -> anyhow::Result<Self> {
         let log_path = log_dir.join(format!("{name}.log"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let mut cmd = Command::new(program);
         cmd.args(args)
             .envs(envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -38,18 +35,11 @@ impl ChildProcess {
             .kill_on_drop(true);
         // SAFETY: prctl is async-signal-safe; this runs in the child between fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-            });
+            cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("cannot start {name} ({}): {e}", program.display()))?;
-        Ok(Self {
-            name: name.to_owned(),
-            child: Some(child),
-            log_path,
-        })
+        let child =
+            cmd.spawn().map_err(|e| anyhow::anyhow!("cannot start {name} ({}): {e}", program.display()))?;
+        Ok(Self { name: name.to_owned(), child: Some(child), log_path })
     }
 
     /// Everything the process wrote so far.
@@ -110,11 +100,7 @@ impl ChildProcess {
         let log = self.log();
         let all: Vec<&str> = log.lines().collect();
         let start = all.len().saturating_sub(lines);
-        format!(
-            "--- last lines of {} ---\n{}",
-            self.name,
-            all[start..].join("\n")
-        )
+        format!("--- last lines of {} ---\n{}", self.name, all[start..].join("\n"))
     }
 }
 

@@ -30,12 +30,7 @@ impl Etcd {
         let dir = tempfile::Builder::new().prefix("herald-etcd-").tempdir()?;
         let peer_port = free_port();
         let process = Self::spawn(dir.path(), port, peer_port)?;
-        let etcd = Self {
-            process,
-            port,
-            peer_port,
-            dir,
-        };
+        let etcd = Self { process, port, peer_port, dir };
         etcd.wait_ready().await?;
         Ok(etcd)
     }
@@ -68,9 +63,7 @@ impl Etcd {
     async fn wait_ready(&self) -> anyhow::Result<()> {
         let endpoint = self.endpoint();
         wait_for("etcd to answer", READY_TIMEOUT, || async {
-            let mut client = etcd_client::Client::connect([endpoint.as_str()], None)
-                .await
-                .ok()?;
+            let mut client = etcd_client::Client::connect([endpoint.as_str()], None).await.ok()?;
             client.status().await.ok().map(|_| ())
         })
         .await
@@ -116,11 +109,7 @@ impl Nats {
     /// Starts on `port` and waits until it answers.
     pub async fn start_on(port: u16) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("herald-nats-").tempdir()?;
-        let mut nats = Self {
-            process: None,
-            port,
-            dir,
-        };
+        let mut nats = Self { process: None, port, dir };
         nats.start_again().await?;
         Ok(nats)
     }
@@ -153,13 +142,7 @@ impl Nats {
             &self.store_dir().to_string_lossy(),
         ]
         .map(String::from);
-        let process = ChildProcess::spawn(
-            "nats-server",
-            &tool("nats-server"),
-            &args,
-            &[],
-            self.dir.path(),
-        )?;
+        let process = ChildProcess::spawn("nats-server", &tool("nats-server"), &args, &[], self.dir.path())?;
         self.process = Some(process);
         let url = self.url();
         let ready = wait_for("nats to answer", READY_TIMEOUT, || async {
@@ -169,13 +152,7 @@ impl Nats {
         })
         .await;
         ready.map_err(|e| {
-            anyhow::anyhow!(
-                "{e}\n{}",
-                self.process
-                    .as_ref()
-                    .map(|p| p.log_tail(20))
-                    .unwrap_or_default()
-            )
+            anyhow::anyhow!("{e}\n{}", self.process.as_ref().map(|p| p.log_tail(20)).unwrap_or_default())
         })
     }
 
@@ -217,11 +194,7 @@ impl Anvil {
         ]
         .map(String::from);
         let process = ChildProcess::spawn("anvil", &tool("anvil"), &args, &[], dir.path())?;
-        let anvil = Self {
-            process,
-            port,
-            _dir: dir,
-        };
+        let anvil = Self { process, port, _dir: dir };
         let url = anvil.url();
         wait_for("anvil to answer", READY_TIMEOUT, || async {
             let provider = RootProvider::<alloy::network::Ethereum>::new_http(url.parse().ok()?);

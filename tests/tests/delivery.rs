@@ -6,9 +6,7 @@ use alloy_primitives::U256;
 use herald_tests::chain::{NOTE_EVENT, TRANSFER_EVENT};
 use herald_tests::check::assert_exact_transfers;
 use herald_tests::herald::read_cursor;
-use herald_tests::{
-    Stack, StreamReader, WorkerProcess, init_tracing, register_subscription, wait_for,
-};
+use herald_tests::{Stack, StreamReader, WorkerProcess, init_tracing, register_subscription, wait_for};
 
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -23,11 +21,7 @@ async fn backfill_then_live_arrive_exactly_once_in_order_and_decoded() -> anyhow
     for i in 0..40u64 {
         chain.emit_many(25).await?;
         if i % 8 == 0 {
-            let note = (
-                format!("note {i} ✓"),
-                vec![i as u8, 0xff, 0x00],
-                vec![i, u64::MAX, 0],
-            );
+            let note = (format!("note {i} ✓"), vec![i as u8, 0xff, 0x00], vec![i, u64::MAX, 0]);
             chain.emit_note(&note.0, &note.1, &note.2).await?;
             notes.push(note);
         }
@@ -60,16 +54,10 @@ async fn backfill_then_live_arrive_exactly_once_in_order_and_decoded() -> anyhow
 
     // Done when both cursors passed the last block: everything up to it is in the stream.
     for id in [&transfers.id, &notes_spec.id] {
-        wait_for(
-            "cursor past the last emitting block",
-            DELIVERY_TIMEOUT,
-            || async {
-                let c = read_cursor(&mut stack.etcd.client().await.ok()?, id)
-                    .await
-                    .ok()??;
-                (c.block_number >= last_block).then_some(())
-            },
-        )
+        wait_for("cursor past the last emitting block", DELIVERY_TIMEOUT, || async {
+            let c = read_cursor(&mut stack.etcd.client().await.ok()?, id).await.ok()??;
+            (c.block_number >= last_block).then_some(())
+        })
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))?;
     }

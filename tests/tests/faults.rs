@@ -9,8 +9,8 @@ use herald_tests::check::{assert_exact_transfers, assert_monotonic, cursor_histo
 use herald_tests::herald::{WorkerSettings, read_cursor};
 use herald_tests::process::free_port;
 use herald_tests::{
-    Anvil, Etcd, Nats, Stack, StreamReader, TestChain, WorkerProcess, init_tracing,
-    register_subscription, wait_for,
+    Anvil, Etcd, Nats, Stack, StreamReader, TestChain, WorkerProcess, init_tracing, register_subscription,
+    wait_for,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -22,16 +22,10 @@ async fn wait_for_cursor(
     block: u64,
     worker: &WorkerProcess,
 ) -> anyhow::Result<()> {
-    wait_for(
-        &format!("cursor of {id} at block {block}"),
-        TIMEOUT,
-        || async {
-            let c = read_cursor(&mut etcd.client().await.ok()?, id)
-                .await
-                .ok()??;
-            (c.block_number >= block).then_some(())
-        },
-    )
+    wait_for(&format!("cursor of {id} at block {block}"), TIMEOUT, || async {
+        let c = read_cursor(&mut etcd.client().await.ok()?, id).await.ok()??;
+        (c.block_number >= block).then_some(())
+    })
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))
 }
@@ -142,21 +136,11 @@ async fn undecodable_log_is_published_flagged_and_does_not_stall() -> anyhow::Re
     assert_exact_transfers(&messages, 20);
 
     let failures = wait_for("the decode failure metric", TIMEOUT, || async {
-        worker
-            .metric(
-                "herald_decode_failures_total",
-                &[("subscription_id", "transfers")],
-            )
-            .await
+        worker.metric("herald_decode_failures_total", &[("subscription_id", "transfers")]).await
     })
     .await?;
     assert_eq!(failures, 1.0);
-    let published = worker
-        .metric(
-            "herald_events_published_total",
-            &[("subscription_id", "transfers")],
-        )
-        .await;
+    let published = worker.metric("herald_events_published_total", &[("subscription_id", "transfers")]).await;
     assert_eq!(published, Some(21.0));
     Ok(())
 }
@@ -216,27 +200,12 @@ async fn invalid_configuration_exits_non_zero_naming_the_field() -> anyhow::Resu
     )
     .to_toml();
     let cases = [
-        (
-            valid.replace("[etcd]\n", "[etcd]\nendpoint = []\n"),
-            "endpoint",
-        ),
-        (
-            valid.replace("chain_id = 31337", "chain_id = \"mainnet\""),
-            "chain_id",
-        ),
+        (valid.replace("[etcd]\n", "[etcd]\nendpoint = []\n"), "endpoint"),
+        (valid.replace("chain_id = 31337", "chain_id = \"mainnet\""), "chain_id"),
         (valid.replace("worker-a", "Worker A"), "worker_id"),
-        (
-            valid.replace("rpc_urls = [\"http://", "rpc_urls = [\"ftp://"),
-            "chains[0].rpc_urls[0]",
-        ),
-        (
-            valid.replace("max_block_range = 50", "max_block_range = 0"),
-            "chains[0].max_block_range",
-        ),
-        (
-            valid.replace("ack_timeout = \"2s\"", "ack_timeout = \"soon\""),
-            "ack_timeout",
-        ),
+        (valid.replace("rpc_urls = [\"http://", "rpc_urls = [\"ftp://"), "chains[0].rpc_urls[0]"),
+        (valid.replace("max_block_range = 50", "max_block_range = 0"), "chains[0].max_block_range"),
+        (valid.replace("ack_timeout = \"2s\"", "ack_timeout = \"soon\""), "ack_timeout"),
     ];
     let dir = tempfile::tempdir()?;
     for (i, (toml, field)) in cases.iter().enumerate() {
@@ -247,17 +216,11 @@ async fn invalid_configuration_exits_non_zero_naming_the_field() -> anyhow::Resu
         let log = process.log();
         assert_eq!(code, Some(2), "case {i} should exit 2:\n{log}");
         let last = log.lines().last().unwrap_or_default();
-        assert!(
-            last.contains(field),
-            "case {i}: {last:?} does not name {field:?}"
-        );
+        assert!(last.contains(field), "case {i}: {last:?} does not name {field:?}");
     }
     let missing = dir.path().join("missing.toml");
     let mut process = WorkerProcess::spawn_with_config(&missing, dir.path())?;
-    assert_eq!(
-        tokio::time::timeout(TIMEOUT, process.wait()).await?,
-        Some(2)
-    );
+    assert_eq!(tokio::time::timeout(TIMEOUT, process.wait()).await?, Some(2));
     assert!(process.log().contains("does not exist"));
     Ok(())
 }

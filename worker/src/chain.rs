@@ -128,10 +128,7 @@ impl AlloyRpc {
         fut: impl Future<Output = Result<T, E>>,
     ) -> Result<T, RpcError> {
         match tokio::time::timeout(self.timeout, fut).await {
-            Err(_) => Err(RpcError::Timeout {
-                method,
-                after: self.timeout,
-            }),
+            Err(_) => Err(RpcError::Timeout { method, after: self.timeout }),
             Ok(Err(e)) => Err(RpcError::Transport {
                 method,
                 message: e.to_string().replace(&self.url, &self.redacted_url),
@@ -147,19 +144,13 @@ impl ChainRpc for AlloyRpc {
     }
 
     async fn head(&self) -> Result<u64, RpcError> {
-        self.call("eth_blockNumber", self.provider.get_block_number())
-            .await
+        self.call("eth_blockNumber", self.provider.get_block_number()).await
     }
 
     async fn block(&self, number: u64) -> Result<BlockRef, RpcError> {
         const METHOD: &str = "eth_getBlockByNumber";
         let block = self
-            .call(
-                METHOD,
-                self.provider
-                    .get_block_by_number(BlockNumberOrTag::Number(number))
-                    .into_future(),
-            )
+            .call(METHOD, self.provider.get_block_by_number(BlockNumberOrTag::Number(number)).into_future())
             .await?
             .ok_or_else(|| RpcError::BadAnswer {
                 method: METHOD,
@@ -171,19 +162,12 @@ impl ChainRpc for AlloyRpc {
                 message: format!("asked for block {number}, got {}", block.header.number),
             });
         }
-        Ok(BlockRef {
-            number,
-            hash: block.header.hash,
-            parent_hash: block.header.parent_hash,
-        })
+        Ok(BlockRef { number, hash: block.header.hash, parent_hash: block.header.parent_hash })
     }
 
     async fn logs(&self, query: &LogQuery) -> Result<Vec<Log>, RpcError> {
         const METHOD: &str = "eth_getLogs";
-        let mut filter = Filter::new()
-            .from_block(query.from)
-            .to_block(query.to)
-            .address(query.address);
+        let mut filter = Filter::new().from_block(query.from).to_block(query.to).address(query.address);
         for (i, topic) in query.topics.iter().enumerate() {
             if let Some(values) = topic {
                 let values = values.clone();
@@ -196,10 +180,7 @@ impl ChainRpc for AlloyRpc {
             }
         }
         let mut logs = self.call(METHOD, self.provider.get_logs(&filter)).await?;
-        validate_logs(query, &logs).map_err(|message| RpcError::BadAnswer {
-            method: METHOD,
-            message,
-        })?;
+        validate_logs(query, &logs).map_err(|message| RpcError::BadAnswer { method: METHOD, message })?;
         logs.sort_by_key(|l| (l.block_number, l.log_index));
         Ok(logs)
     }
@@ -211,39 +192,23 @@ pub fn redact_url(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let tail = if rest.len() > authority.len() {
-        "/..."
-    } else {
-        ""
-    };
+    let tail = if rest.len() > authority.len() { "/..." } else { "" };
     format!("{scheme}://{host}{tail}")
 }
 
 /// Rejects answers that cannot belong to `query`.
 fn validate_logs(query: &LogQuery, logs: &[Log]) -> Result<(), String> {
     for log in logs {
-        let (Some(number), Some(_), Some(_), Some(_)) = (
-            log.block_number,
-            log.block_hash,
-            log.log_index,
-            log.transaction_hash,
-        ) else {
-            return Err(
-                "log without block number, block hash, log index or transaction hash".into(),
-            );
+        let (Some(number), Some(_), Some(_), Some(_)) =
+            (log.block_number, log.block_hash, log.log_index, log.transaction_hash)
+        else {
+            return Err("log without block number, block hash, log index or transaction hash".into());
         };
         if number < query.from || number > query.to {
-            return Err(format!(
-                "log in block {number} outside {}..={}",
-                query.from, query.to
-            ));
+            return Err(format!("log in block {number} outside {}..={}", query.from, query.to));
         }
         if log.address() != query.address {
-            return Err(format!(
-                "log from {} but asked for {}",
-                log.address(),
-                query.address
-            ));
+            return Err(format!("log from {} but asked for {}", log.address(), query.address));
         }
     }
     Ok(())
@@ -272,10 +237,7 @@ mod tests {
 
     #[test]
     fn urls_are_redacted() {
-        assert_eq!(
-            redact_url("https://eth.example.com/v2/SECRET"),
-            "https://eth.example.com/..."
-        );
+        assert_eq!(redact_url("https://eth.example.com/v2/SECRET"), "https://eth.example.com/...");
         assert_eq!(redact_url("https://user:pw@host:8545"), "https://host:8545");
         assert_eq!(redact_url("http://127.0.0.1:8545"), "http://127.0.0.1:8545");
         assert_eq!(redact_url("http://h?key=SECRET"), "http://h/...");
@@ -284,27 +246,10 @@ mod tests {
     #[test]
     fn validation_rejects_answers_that_cannot_be_right() {
         let a = address!("0x1111111111111111111111111111111111111111");
-        let q = LogQuery {
-            from: 10,
-            to: 20,
-            address: a,
-            topics: Default::default(),
-        };
+        let q = LogQuery { from: 10, to: 20, address: a, topics: Default::default() };
         assert!(validate_logs(&q, &[log(Some(10), a), log(Some(20), a)]).is_ok());
-        assert!(
-            validate_logs(&q, &[log(Some(21), a)])
-                .unwrap_err()
-                .contains("outside")
-        );
-        assert!(
-            validate_logs(&q, &[log(None, a)])
-                .unwrap_err()
-                .contains("without")
-        );
-        assert!(
-            validate_logs(&q, &[log(Some(15), Address::ZERO)])
-                .unwrap_err()
-                .contains("asked for")
-        );
+        assert!(validate_logs(&q, &[log(Some(21), a)]).unwrap_err().contains("outside"));
+        assert!(validate_logs(&q, &[log(None, a)]).unwrap_err().contains("without"));
+        assert!(validate_logs(&q, &[log(Some(15), Address::ZERO)]).unwrap_err().contains("asked for"));
     }
 }

@@ -175,10 +175,7 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        message: message.into(),
-    }
+    ConfigError::Invalid { key: key.into(), message: message.into() }
 }
 
 impl Config {
@@ -187,19 +184,12 @@ impl Config {
         let mut figment = Figment::from(Serialized::defaults(Defaults::default()));
         if let Some(file) = file {
             if !file.exists() {
-                return Err(invalid(
-                    "--config",
-                    format!("file {} does not exist", file.display()),
-                ));
+                return Err(invalid("--config", format!("file {} does not exist", file.display())));
             }
             figment = figment.merge(Toml::file_exact(file));
         }
         // HERALD_LOG (the log filter) and HERALD_CONFIG (the file path) are not config keys.
-        figment = figment.merge(
-            Env::prefixed("HERALD_")
-                .ignore(&["log", "config"])
-                .split("__"),
-        );
+        figment = figment.merge(Env::prefixed("HERALD_").ignore(&["log", "config"]).split("__"));
         let config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
         Ok(config)
@@ -211,53 +201,29 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        Keyspace::new(self.etcd.prefix.clone())
-            .map_err(|e| invalid("etcd.prefix", e.to_string()))?;
+        Keyspace::new(self.etcd.prefix.clone()).map_err(|e| invalid("etcd.prefix", e.to_string()))?;
         if self.etcd.endpoints.is_empty() {
             return Err(invalid("etcd.endpoints", "needs at least one endpoint"));
         }
-        if self.nats.stream.name.is_empty()
-            || self
-                .nats
-                .stream
-                .name
-                .contains(['.', ' ', '*', '>', '/', '\\'])
+        if self.nats.stream.name.is_empty() || self.nats.stream.name.contains(['.', ' ', '*', '>', '/', '\\'])
         {
-            return Err(invalid(
-                "nats.stream.name",
-                "must be non-empty without '.', ' ', '*', '>', '/'",
-            ));
+            return Err(invalid("nats.stream.name", "must be non-empty without '.', ' ', '*', '>', '/'"));
         }
         if self.nats.stream.subjects.is_empty() {
-            return Err(invalid(
-                "nats.stream.subjects",
-                "needs at least one subject",
-            ));
+            return Err(invalid("nats.stream.subjects", "needs at least one subject"));
         }
         if self.nats.stream.duplicate_window.is_zero() {
-            return Err(invalid(
-                "nats.stream.duplicate_window",
-                "must be greater than zero",
-            ));
+            return Err(invalid("nats.stream.duplicate_window", "must be greater than zero"));
         }
         if self.chains.is_empty() {
             return Err(invalid("chains", "needs at least one chain"));
         }
         for (i, chain) in self.chains.iter().enumerate() {
-            if self.chains[..i]
-                .iter()
-                .any(|c| c.chain_id == chain.chain_id)
-            {
-                return Err(invalid(
-                    format!("chains[{i}].chain_id"),
-                    "duplicate chain id",
-                ));
+            if self.chains[..i].iter().any(|c| c.chain_id == chain.chain_id) {
+                return Err(invalid(format!("chains[{i}].chain_id"), "duplicate chain id"));
             }
             if chain.rpc_urls.is_empty() {
-                return Err(invalid(
-                    format!("chains[{i}].rpc_urls"),
-                    "needs at least one URL",
-                ));
+                return Err(invalid(format!("chains[{i}].rpc_urls"), "needs at least one URL"));
             }
             for (j, url) in chain.rpc_urls.iter().enumerate() {
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -268,16 +234,10 @@ impl Config {
                 }
             }
             if chain.max_block_range == 0 {
-                return Err(invalid(
-                    format!("chains[{i}].max_block_range"),
-                    "must be at least 1",
-                ));
+                return Err(invalid(format!("chains[{i}].max_block_range"), "must be at least 1"));
             }
             if chain.poll_interval.is_zero() {
-                return Err(invalid(
-                    format!("chains[{i}].poll_interval"),
-                    "must be greater than zero",
-                ));
+                return Err(invalid(format!("chains[{i}].poll_interval"), "must be greater than zero"));
             }
         }
         Ok(())

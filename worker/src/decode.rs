@@ -52,20 +52,9 @@ fn args_to_json(inputs: &[EventParam], decoded: DecodedEvent) -> Value {
     let mut body = decoded.body.into_iter();
     let mut args = Map::with_capacity(inputs.len());
     for (i, input) in inputs.iter().enumerate() {
-        let value = if input.indexed {
-            indexed.next()
-        } else {
-            body.next()
-        };
-        let name = if input.name.is_empty() {
-            format!("arg{i}")
-        } else {
-            input.name.clone()
-        };
-        args.insert(
-            name,
-            value.map_or(Value::Null, |v| value_to_json(&v, &input.components)),
-        );
+        let value = if input.indexed { indexed.next() } else { body.next() };
+        let name = if input.name.is_empty() { format!("arg{i}") } else { input.name.clone() };
+        args.insert(name, value.map_or(Value::Null, |v| value_to_json(&v, &input.components)));
     }
     Value::Object(args)
 }
@@ -138,25 +127,16 @@ mod tests {
 
     #[test]
     fn decodes_a_transfer() {
-        let ev =
-            compiled("event Transfer(address indexed from, address indexed to, uint256 value)");
+        let ev = compiled("event Transfer(address indexed from, address indexed to, uint256 value)");
         let from = Address::repeat_byte(0xaa);
         let to = Address::repeat_byte(0x0b);
         let data = DynSolValue::Uint(U256::from(10).pow(U256::from(30)), 256).abi_encode();
-        let env = envelope(
-            1,
-            &sid(),
-            &ev,
-            &log(vec![ev.selector, from.into_word(), to.into_word()], data),
-        );
+        let env = envelope(1, &sid(), &ev, &log(vec![ev.selector, from.into_word(), to.into_word()], data));
         assert_eq!(env.decode_error, None);
         assert_eq!(env.args["from"], from.to_checksum(None));
         assert_eq!(env.args["to"], to.to_checksum(None));
         assert_eq!(env.args["value"], "1000000000000000000000000000000");
-        assert_eq!(
-            (env.block_number, env.log_index, env.transaction_index),
-            (7, 5, 2)
-        );
+        assert_eq!((env.block_number, env.log_index, env.transaction_index), (7, 5, 2));
         assert_eq!(env.signature, "Transfer(address,address,uint256)");
     }
 
@@ -178,12 +158,7 @@ mod tests {
             ]),
         ])
         .abi_encode_params();
-        let env = envelope(
-            1,
-            &sid(),
-            &ev,
-            &log(vec![ev.selector, B256::from(U256::from(9))], data),
-        );
+        let env = envelope(1, &sid(), &ev, &log(vec![ev.selector, B256::from(U256::from(9))], data));
         assert_eq!(env.decode_error, None, "{:?}", env.decode_error);
         assert_eq!(
             env.args,
@@ -198,8 +173,7 @@ mod tests {
 
     #[test]
     fn undecodable_logs_are_flagged_not_dropped() {
-        let ev =
-            compiled("event Transfer(address indexed from, address indexed to, uint256 value)");
+        let ev = compiled("event Transfer(address indexed from, address indexed to, uint256 value)");
         let l = log(vec![ev.selector, B256::ZERO, B256::ZERO], vec![0xff]);
         let env = envelope(1, &sid(), &ev, &l);
         assert_eq!(env.args, Value::Null);
@@ -207,14 +181,8 @@ mod tests {
         assert_eq!(env.data.as_ref(), &[0xff]);
         assert_eq!(env.topics.len(), 3);
 
-        let missing_topic = log(
-            vec![ev.selector, B256::ZERO],
-            DynSolValue::Uint(U256::from(1), 256).abi_encode(),
-        );
-        assert!(
-            envelope(1, &sid(), &ev, &missing_topic)
-                .decode_error
-                .is_some()
-        );
+        let missing_topic =
+            log(vec![ev.selector, B256::ZERO], DynSolValue::Uint(U256::from(1), 256).abi_encode());
+        assert!(envelope(1, &sid(), &ev, &missing_topic).decode_error.is_some());
     }
 }

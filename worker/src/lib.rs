@@ -55,12 +55,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let etcd = &config.etcd;
     let Some(store) = retry("connect to etcd", &shutdown, || {
-        EtcdStore::connect(
-            &etcd.endpoints,
-            config.keyspace(),
-            etcd.connect_timeout,
-            etcd.request_timeout,
-        )
+        EtcdStore::connect(&etcd.endpoints, config.keyspace(), etcd.connect_timeout, etcd.request_timeout)
     })
     .await
     else {
@@ -75,22 +70,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     let Some(client) = retry("connect to nats", &shutdown, || async {
         let client = nats_options().connect(config.nats.url.as_str()).await?;
-        client
-            .flush()
-            .await
-            .map(|()| client)
-            .map_err(async_nats::Error::from)
+        client.flush().await.map(|()| client).map_err(async_nats::Error::from)
     })
     .await
     else {
         return Ok(());
     };
     let sink = JetStreamSink::new(client, &config.nats);
-    if retry("create or update the jetstream stream", &shutdown, || {
-        sink.ensure_stream(&config.nats.stream)
-    })
-    .await
-    .is_none()
+    if retry("create or update the jetstream stream", &shutdown, || sink.ensure_stream(&config.nats.stream))
+        .await
+        .is_none()
     {
         return Ok(());
     }
@@ -111,48 +100,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 rpc.redacted_url()
             );
         }
-        tracing::info!(
-            chain_id = chain.chain_id,
-            url = rpc.redacted_url(),
-            "chain reachable"
-        );
-        chains.insert(
-            chain.chain_id,
-            ChainHandle {
-                rpc: Arc::new(rpc),
-                config: chain.clone(),
-            },
-        );
+        tracing::info!(chain_id = chain.chain_id, url = rpc.redacted_url(), "chain reachable");
+        chains.insert(chain.chain_id, ChainHandle { rpc: Arc::new(rpc), config: chain.clone() });
     }
 
-    let supervisor = Supervisor {
-        worker_id: config.worker_id.clone(),
-        store,
-        sink: Arc::new(sink),
-        chains,
-        metrics,
-    };
+    let supervisor =
+        Supervisor { worker_id: config.worker_id.clone(), store, sink: Arc::new(sink), chains, metrics };
     tracing::info!(worker_id = %config.worker_id, "worker running");
     supervisor.run(shutdown).await;
     tracing::info!("worker stopped");
     Ok(())
 }
 
-async fn serve_metrics(
-    listener: tokio::net::TcpListener,
-    metrics: Metrics,
-    shutdown: CancellationToken,
-) {
+async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Metrics, shutdown: CancellationToken) {
     use axum::routing::get;
     let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || std::future::ready(metrics.render())),
-        )
+        .route("/metrics", get(move || std::future::ready(metrics.render())))
         .route("/healthz", get(|| std::future::ready("ok")));
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
     if let Err(e) = result {
         tracing::error!(error = %e, "metrics server failed");
     }

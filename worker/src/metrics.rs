@@ -48,17 +48,13 @@ impl Metrics {
             "Cursor writes refused because the subscription's assignment changed.",
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(fenced.clone()))
-            .expect("unique metric");
+        registry.register(Box::new(fenced.clone())).expect("unique metric");
         let assigned_subscriptions = IntGauge::new(
             "herald_worker_assigned_subscriptions",
             "Subscriptions this worker currently runs.",
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(assigned_subscriptions.clone()))
-            .expect("unique metric");
+        registry.register(Box::new(assigned_subscriptions.clone())).expect("unique metric");
         Self {
             events_published: counter_vec(
                 &registry,
@@ -96,12 +92,7 @@ impl Metrics {
                 "Blocks between the chain head and the subscription's cursor.",
                 sub,
             ),
-            head_block: gauge_vec(
-                &registry,
-                "herald_chain_head_block",
-                "Latest head seen.",
-                &["chain_id"],
-            ),
+            head_block: gauge_vec(&registry, "herald_chain_head_block", "Latest head seen.", &["chain_id"]),
             rpc_requests: counter_vec(
                 &registry,
                 "herald_rpc_requests_total",
@@ -116,9 +107,7 @@ impl Metrics {
 
     /// Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        TextEncoder::new()
-            .encode_to_string(&self.registry.gather())
-            .unwrap_or_default()
+        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
     }
 }
 

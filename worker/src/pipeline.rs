@@ -72,23 +72,17 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             return Exit::Cancelled;
         };
         let subject = self.spec.subject();
-        let Some(tail) = retry("read the stream tail", &cancel, || {
-            self.sink.last_published(&subject)
-        })
-        .await
+        let Some(tail) = retry("read the stream tail", &cancel, || self.sink.last_published(&subject)).await
         else {
             return Exit::Cancelled;
         };
-        let mut published_through = tail
-            .filter(|e| e.subscription_id == self.spec.id && !e.removed)
-            .map(|e| e.position());
+        let mut published_through =
+            tail.filter(|e| e.subscription_id == self.spec.id && !e.removed).map(|e| e.position());
         tracing::info!(next_block = next, ?published_through, %subject, "subscription started");
 
         let mut backoff = Backoff::network();
         loop {
-            let step = self
-                .step(&mut next, &mut published_through, &subject, &cancel)
-                .await;
+            let step = self.step(&mut next, &mut published_through, &subject, &cancel).await;
             match step {
                 Ok(Step::Continue) => backoff.reset(),
                 Ok(Step::Idle) => {
@@ -116,10 +110,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
     /// The first block to process: after the cursor, or the spec's start block. A `latest`
     /// start is pinned by committing a cursor at once, so a restart does not move it.
     async fn resume_point(&self, cancel: &CancellationToken) -> Option<u64> {
-        let cursor = retry("load the cursor", cancel, || {
-            self.store.load_cursor(&self.spec.id)
-        })
-        .await?;
+        let cursor = retry("load the cursor", cancel, || self.store.load_cursor(&self.spec.id)).await?;
         if let Some(cursor) = cursor {
             return Some(cursor.next_block());
         }
@@ -130,12 +121,8 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 let Some(target) = confirmed_target(head, self.spec.confirmations) else {
                     return Some(0);
                 };
-                let block =
-                    retry("read the start block", cancel, || self.chain.block(target)).await?;
-                let cursor = Cursor {
-                    block_number: target,
-                    block_hash: block.hash,
-                };
+                let block = retry("read the start block", cancel, || self.chain.block(target)).await?;
+                let cursor = Cursor { block_number: target, block_hash: block.hash };
                 match self.commit(&cursor, cancel).await {
                     Ok(()) => Some(cursor.next_block()),
                     Err(_) => None,
@@ -153,10 +140,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
     ) -> Result<Step, RpcError> {
         let labels = self.labels();
         let head = self.observe(self.chain.head().await, "eth_blockNumber")?;
-        self.metrics
-            .head_block
-            .with_label_values(&[&labels[0]])
-            .set(head as i64);
+        self.metrics.head_block.with_label_values(&[&labels[0]]).set(head as i64);
         self.metrics
             .lag_blocks
             .with_label_values(&labels)
@@ -172,29 +156,18 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         let mut topics: [Option<Vec<_>>; 4] = Default::default();
         topics[0] = Some(vec![self.event.selector]);
         topics[1..].clone_from_slice(&self.event.topic_filters);
-        let query = LogQuery {
-            from,
-            to,
-            address: self.spec.address,
-            topics,
-        };
+        let query = LogQuery { from, to, address: self.spec.address, topics };
         let logs = self.observe(self.chain.logs(&query).await, "eth_getLogs")?;
         let last_block = self.observe(self.chain.block(to).await, "eth_getBlockByNumber")?;
 
-        for log in logs
-            .iter()
-            .filter(|l| self.event.matches_topics(l.topics()))
-        {
+        for log in logs.iter().filter(|l| self.event.matches_topics(l.topics())) {
             let envelope = decode::envelope(self.spec.chain_id, &self.spec.id, &self.event, log);
             if published_through.is_some_and(|p| envelope.position() <= p) {
                 continue;
             }
             *published_through = None;
             if let Some(error) = &envelope.decode_error {
-                self.metrics
-                    .decode_failures
-                    .with_label_values(&labels)
-                    .inc();
+                self.metrics.decode_failures.with_label_values(&labels).inc();
                 tracing::warn!(
                     block = envelope.block_number,
                     log_index = envelope.log_index,
@@ -207,27 +180,14 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             }
         }
 
-        let cursor = Cursor {
-            block_number: to,
-            block_hash: last_block.hash,
-        };
+        let cursor = Cursor { block_number: to, block_hash: last_block.hash };
         if let Err(exit) = self.commit(&cursor, cancel).await {
             return Ok(Step::Exit(exit));
         }
         *next = cursor.next_block();
-        self.metrics
-            .cursor_block
-            .with_label_values(&labels)
-            .set(to as i64);
-        self.metrics
-            .lag_blocks
-            .with_label_values(&labels)
-            .set(head.saturating_sub(to) as i64);
-        Ok(if to < target {
-            Step::Continue
-        } else {
-            Step::Idle
-        })
+        self.metrics.cursor_block.with_label_values(&labels).set(to as i64);
+        self.metrics.lag_blocks.with_label_values(&labels).set(head.saturating_sub(to) as i64);
+        Ok(if to < target { Step::Continue } else { Step::Idle })
     }
 
     /// Publishes until acknowledged; `false` if cancelled first.
@@ -247,15 +207,9 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             match result {
                 Ok(stored) => {
                     if stored.duplicate {
-                        self.metrics
-                            .publish_duplicates
-                            .with_label_values(&labels)
-                            .inc();
+                        self.metrics.publish_duplicates.with_label_values(&labels).inc();
                     } else {
-                        self.metrics
-                            .events_published
-                            .with_label_values(&labels)
-                            .inc();
+                        self.metrics.events_published.with_label_values(&labels).inc();
                     }
                     if backoff.attempts() > 0 {
                         tracing::info!(attempts = backoff.attempts(), "publishing recovered");

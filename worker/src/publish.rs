@@ -66,11 +66,7 @@ impl JetStreamSink {
     pub fn new(client: async_nats::Client, config: &NatsConfig) -> Self {
         let mut js = jetstream::new(client);
         js.set_timeout(config.ack_timeout);
-        Self {
-            js,
-            stream_name: config.stream.name.clone(),
-            ack_timeout: config.ack_timeout,
-        }
+        Self { js, stream_name: config.stream.name.clone(), ack_timeout: config.ack_timeout }
     }
 
     /// Creates the stream, or updates it to `config` if it exists.
@@ -85,36 +81,20 @@ impl JetStreamSink {
             allow_direct: true,
             ..Default::default()
         };
-        self.js
-            .create_or_update_stream(wanted)
-            .await
-            .map_err(|e| PublishError::Nats(e.to_string()))?;
+        self.js.create_or_update_stream(wanted).await.map_err(|e| PublishError::Nats(e.to_string()))?;
         Ok(())
     }
 }
 
 impl EventSink for JetStreamSink {
-    async fn publish(
-        &self,
-        subject: &str,
-        envelope: &EventEnvelope,
-    ) -> Result<Stored, PublishError> {
+    async fn publish(&self, subject: &str, envelope: &EventEnvelope) -> Result<Stored, PublishError> {
         let payload = Bytes::from(serde_json::to_vec(envelope).expect("envelopes serialise"));
         let message = PublishMessage::build()
             .payload(payload)
             .message_id(envelope.msg_id())
-            .header(
-                subjects::SUBSCRIPTION_HEADER,
-                envelope.subscription_id.as_str(),
-            )
-            .header(
-                subjects::BLOCK_HEADER,
-                envelope.block_number.to_string().as_str(),
-            )
-            .header(
-                subjects::REMOVED_HEADER,
-                if envelope.removed { "true" } else { "false" },
-            );
+            .header(subjects::SUBSCRIPTION_HEADER, envelope.subscription_id.as_str())
+            .header(subjects::BLOCK_HEADER, envelope.block_number.to_string().as_str())
+            .header(subjects::REMOVED_HEADER, if envelope.removed { "true" } else { "false" });
         let ack = async {
             let pending = self.js.send_publish(subject.to_owned(), message).await?;
             pending.await
@@ -122,10 +102,7 @@ impl EventSink for JetStreamSink {
         match tokio::time::timeout(self.ack_timeout, ack).await {
             Err(_) => Err(PublishError::AckTimeout(self.ack_timeout)),
             Ok(Err(e)) => Err(PublishError::Nats(e.to_string())),
-            Ok(Ok(ack)) => Ok(Stored {
-                sequence: ack.sequence,
-                duplicate: ack.duplicate,
-            }),
+            Ok(Ok(ack)) => Ok(Stored { sequence: ack.sequence, duplicate: ack.duplicate }),
         }
     }
 

@@ -32,10 +32,7 @@ mod tests {
         assert_eq!(next_range(10, 9, 100), None);
         assert_eq!(next_range(10, 10, 100), Some(10..=10));
         assert_eq!(next_range(10, 500, 100), Some(10..=109));
-        assert_eq!(
-            next_range(u64::MAX - 1, u64::MAX, 100),
-            Some(u64::MAX - 1..=u64::MAX)
-        );
+        assert_eq!(next_range(u64::MAX - 1, u64::MAX, 100), Some(u64::MAX - 1..=u64::MAX));
         assert_eq!(confirmed_target(10, 3), Some(7));
         assert_eq!(confirmed_target(2, 3), None);
     }

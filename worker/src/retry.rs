@@ -20,12 +20,7 @@ pub struct Backoff {
 impl Backoff {
     /// Starts at `initial`, doubles up to `max`.
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            initial,
-            max,
-            current: initial,
-            attempts: 0,
-        }
+        Self { initial, max, current: initial, attempts: 0 }
     }
 
     /// The default for network dependencies: 100 ms doubling to 5 s.
@@ -38,10 +33,7 @@ impl Backoff {
         self.attempts += 1;
         let nominal = self.current;
         self.current = (self.current * 2).min(self.max);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .subsec_nanos();
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().subsec_nanos();
         let fraction = 0.5 + f64::from(nanos % 1000) / 2000.0;
         nominal.mul_f64(fraction)
     }

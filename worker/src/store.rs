@@ -100,14 +100,11 @@ impl EtcdStore {
     ) -> Result<(BTreeMap<SubscriptionId, Ownership>, i64), StoreError> {
         let mut client = self.client.clone();
         let dir = self.keys.assignments_dir();
-        let resp = client
-            .get(dir, Some(GetOptions::new().with_prefix()))
-            .await?;
+        let resp = client.get(dir, Some(GetOptions::new().with_prefix())).await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let mut owned = BTreeMap::new();
         for kv in resp.kvs() {
-            if let Some(o) = self.ownership_from(worker, kv.key(), kv.value(), kv.create_revision())
-            {
+            if let Some(o) = self.ownership_from(worker, kv.key(), kv.value(), kv.create_revision()) {
                 owned.insert(o.subscription_id.clone(), o);
             }
         }
@@ -144,12 +141,8 @@ impl EtcdStore {
     /// Watches every assignment change after `revision`.
     pub async fn watch_assignments(&self, revision: i64) -> Result<WatchStream, StoreError> {
         let mut client = self.client.clone();
-        let options = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision + 1);
-        Ok(client
-            .watch(self.keys.assignments_dir(), Some(options))
-            .await?)
+        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+        Ok(client.watch(self.keys.assignments_dir(), Some(options)).await?)
     }
 
     /// The keyspace.
@@ -158,19 +151,14 @@ impl EtcdStore {
     }
 
     /// The registered spec of a subscription.
-    pub async fn load_spec(
-        &self,
-        id: &SubscriptionId,
-    ) -> Result<Option<SubscriptionSpec>, StoreError> {
+    pub async fn load_spec(&self, id: &SubscriptionId) -> Result<Option<SubscriptionSpec>, StoreError> {
         let key = self.keys.subscription(id);
         let resp = self.client.clone().get(key.as_str(), None).await?;
         resp.kvs()
             .first()
             .map(|kv| {
-                serde_json::from_slice(kv.value()).map_err(|e| StoreError::BadValue {
-                    key: key.clone(),
-                    message: e.to_string(),
-                })
+                serde_json::from_slice(kv.value())
+                    .map_err(|e| StoreError::BadValue { key: key.clone(), message: e.to_string() })
             })
             .transpose()
     }
@@ -183,41 +171,23 @@ impl CursorStore for EtcdStore {
         resp.kvs()
             .first()
             .map(|kv| {
-                serde_json::from_slice(kv.value()).map_err(|e| StoreError::BadValue {
-                    key: key.clone(),
-                    message: e.to_string(),
-                })
+                serde_json::from_slice(kv.value())
+                    .map_err(|e| StoreError::BadValue { key: key.clone(), message: e.to_string() })
             })
             .transpose()
     }
 
-    async fn commit_cursor(
-        &self,
-        ownership: &Ownership,
-        cursor: &Cursor,
-    ) -> Result<(), StoreError> {
+    async fn commit_cursor(&self, ownership: &Ownership, cursor: &Cursor) -> Result<(), StoreError> {
         let assignment_key = self.keys.assignment(&ownership.subscription_id);
         let cursor_key = self.keys.cursor(&ownership.subscription_id);
         let value = serde_json::to_vec(cursor).expect("cursors serialise");
         let txn = Txn::new()
             .when([
-                Compare::create_revision(
-                    assignment_key.as_str(),
-                    CompareOp::Equal,
-                    ownership.generation,
-                ),
-                Compare::value(
-                    assignment_key.as_str(),
-                    CompareOp::Equal,
-                    ownership.assignment_value.clone(),
-                ),
+                Compare::create_revision(assignment_key.as_str(), CompareOp::Equal, ownership.generation),
+                Compare::value(assignment_key.as_str(), CompareOp::Equal, ownership.assignment_value.clone()),
             ])
             .and_then([TxnOp::put(cursor_key, value, None)]);
         let resp = self.client.clone().txn(txn).await?;
-        if resp.succeeded() {
-            Ok(())
-        } else {
-            Err(StoreError::Fenced(ownership.subscription_id.clone()))
-        }
+        if resp.succeeded() { Ok(()) } else { Err(StoreError::Fenced(ownership.subscription_id.clone())) }
     }
 }

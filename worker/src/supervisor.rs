@@ -90,10 +90,9 @@ impl Supervisor {
         let mut running: BTreeMap<SubscriptionId, Running> = BTreeMap::new();
         let mut backoff = Backoff::network();
         'relist: while !cancel.is_cancelled() {
-            let Some((mut desired, revision)) = retry("list assignments in etcd", &cancel, || {
-                self.store.assignments_of(&self.worker_id)
-            })
-            .await
+            let Some((mut desired, revision)) =
+                retry("list assignments in etcd", &cancel, || self.store.assignments_of(&self.worker_id))
+                    .await
             else {
                 break;
             };
@@ -153,15 +152,10 @@ impl Supervisor {
         desired: &BTreeMap<SubscriptionId, Ownership>,
         cancel: &CancellationToken,
     ) {
-        let current: BTreeMap<_, _> = running
-            .iter()
-            .map(|(id, r)| (id.clone(), r.ownership.clone()))
-            .collect();
-        let finished: Vec<_> = running
-            .iter()
-            .filter(|(_, r)| r.handle.is_finished())
-            .map(|(id, _)| id.clone())
-            .collect();
+        let current: BTreeMap<_, _> =
+            running.iter().map(|(id, r)| (id.clone(), r.ownership.clone())).collect();
+        let finished: Vec<_> =
+            running.iter().filter(|(_, r)| r.handle.is_finished()).map(|(id, _)| id.clone()).collect();
         let changes = plan(&current, &finished, desired);
         for id in &changes.stop {
             if let Some(task) = running.remove(id) {
@@ -176,9 +170,7 @@ impl Supervisor {
                 running.insert(id, task);
             }
         }
-        self.metrics
-            .assigned_subscriptions
-            .set(running.len() as i64);
+        self.metrics.assigned_subscriptions.set(running.len() as i64);
     }
 
     async fn spawn(&self, ownership: Ownership, cancel: &CancellationToken) -> Option<Running> {
@@ -219,11 +211,7 @@ impl Supervisor {
         let child = cancel.child_token();
         let span = tracing::info_span!("subscription", subscription_id = %id, chain_id = chain.config.chain_id, generation = ownership.generation);
         let handle = tokio::spawn(task.run(child.clone()).instrument(span));
-        Some(Running {
-            ownership,
-            cancel: child,
-            handle,
-        })
+        Some(Running { ownership, cancel: child, handle })
     }
 }
 
@@ -233,14 +221,7 @@ mod tests {
 
     fn own(id: &str, generation: i64) -> (SubscriptionId, Ownership) {
         let id = SubscriptionId::new(id).unwrap();
-        (
-            id.clone(),
-            Ownership {
-                subscription_id: id,
-                generation,
-                assignment_value: b"{}".to_vec(),
-            },
-        )
+        (id.clone(), Ownership { subscription_id: id, generation, assignment_value: b"{}".to_vec() })
     }
 
     fn ids(v: &[&str]) -> Vec<SubscriptionId> {

@@ -1,0 +1,42 @@
+# herald: the two commands of the quickstart are `make demo` and `make test`.
+SHELL := /bin/bash
+export PATH := $(CURDIR)/.tools/bin:$(PATH)
+
+# Demo length in seconds; empty runs until Ctrl-C.
+DEMO_SECONDS ?=
+export DEMO_SECONDS
+
+.PHONY: deps build demo test test-unit lint fmt contracts
+
+deps:
+	@bash scripts/install-deps.sh
+
+build: deps
+	cargo build --bins
+
+## Runs etcd, NATS, anvil and a worker locally, with traffic, printing events as a consumer reads them.
+demo: build
+	@cargo run -q -p herald-tests --bin herald-demo
+
+## The whole suite: unit tests and the end-to-end tests against real etcd, nats-server and anvil.
+test: build
+	@if command -v cargo-nextest >/dev/null 2>&1; then \
+		cargo nextest run --workspace --no-fail-fast --test-threads 2; \
+	else \
+		cargo test --workspace --no-fail-fast -- --test-threads 2; \
+	fi
+
+## Unit tests only (no services).
+test-unit:
+	cargo test --workspace --lib --bins
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+## Recompiles contracts/HeraldTest.sol into contracts/out/HeraldTest.json (committed).
+contracts: deps
+	bash contracts/build.sh
