@@ -268,3 +268,258 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The pipeline against in-memory fakes of the chain, JetStream and etcd: the invariant
+    //! under test is that a cursor is never committed past a log that is not stored, and that
+    //! the stream ends up holding every log once, in order, whatever fails on the way.
+
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use alloy::rpc::types::Log;
+    use alloy_primitives::{Address, B256, Bytes, LogData, U256, keccak256};
+    use herald_proto::{EventDefinition, EventEnvelope, SubscriptionId};
+
+    use super::*;
+    use crate::chain::BlockRef;
+    use crate::publish::{PublishError, Stored};
+
+    const CONTRACT: Address = Address::repeat_byte(0x42);
+
+    fn block_hash(n: u64) -> B256 {
+        keccak256(n.to_be_bytes())
+    }
+
+    struct FakeChain {
+        head: u64,
+        logs: Vec<Log>,
+    }
+
+    impl ChainRpc for FakeChain {
+        async fn chain_id(&self) -> Result<u64, RpcError> {
+            Ok(1)
+        }
+        async fn head(&self) -> Result<u64, RpcError> {
+            Ok(self.head)
+        }
+        async fn block(&self, number: u64) -> Result<BlockRef, RpcError> {
+            Ok(BlockRef { number, hash: block_hash(number), parent_hash: block_hash(number.wrapping_sub(1)) })
+        }
+        async fn logs(&self, q: &LogQuery) -> Result<Vec<Log>, RpcError> {
+            Ok(self
+                .logs
+                .iter()
+                .filter(|l| (q.from..=q.to).contains(&l.block_number.unwrap()))
+                .cloned()
+                .collect())
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeSink {
+        stored: Mutex<Vec<EventEnvelope>>,
+        calls: Mutex<usize>,
+        fail_calls: Vec<usize>,
+    }
+
+    impl EventSink for FakeSink {
+        async fn publish(&self, _subject: &str, e: &EventEnvelope) -> Result<Stored, PublishError> {
+            let call = {
+                let mut calls = self.calls.lock().unwrap();
+                *calls += 1;
+                *calls
+            };
+            if self.fail_calls.contains(&call) {
+                return Err(PublishError::Nats("injected".into()));
+            }
+            let mut stored = self.stored.lock().unwrap();
+            let duplicate = stored.iter().any(|s| s.msg_id() == e.msg_id());
+            if !duplicate {
+                stored.push(e.clone());
+            }
+            Ok(Stored { sequence: stored.len() as u64, duplicate })
+        }
+        async fn last_published(&self, _subject: &str) -> Result<Option<EventEnvelope>, PublishError> {
+            Ok(self.stored.lock().unwrap().last().cloned())
+        }
+    }
+
+    struct FakeStore {
+        sink: Arc<FakeSink>,
+        commits: Mutex<Vec<Cursor>>,
+        fenced: bool,
+        logs_by_block: BTreeMap<u64, usize>,
+    }
+
+    impl CursorStore for FakeStore {
+        async fn load_cursor(&self, _id: &SubscriptionId) -> Result<Option<Cursor>, StoreError> {
+            Ok(self.commits.lock().unwrap().last().copied())
+        }
+        async fn commit_cursor(&self, o: &Ownership, c: &Cursor) -> Result<(), StoreError> {
+            if self.fenced {
+                return Err(StoreError::Fenced(o.subscription_id.clone()));
+            }
+            // The invariant: every log up to the cursor's block is already stored.
+            let expected: usize = self.logs_by_block.range(..=c.block_number).map(|(_, n)| n).sum();
+            let stored =
+                self.sink.stored.lock().unwrap().iter().filter(|e| e.block_number <= c.block_number).count();
+            assert_eq!(stored, expected, "cursor {} committed before its logs were stored", c.block_number);
+            assert_eq!(c.block_hash, block_hash(c.block_number));
+            self.commits.lock().unwrap().push(*c);
+            Ok(())
+        }
+    }
+
+    fn transfer_logs(per_block: &[(u64, usize)]) -> Vec<Log> {
+        let event = CompiledEvent::compile(
+            &EventDefinition::Signature(
+                "event Transfer(address indexed from, address indexed to, uint256 value)".into(),
+            ),
+            &Default::default(),
+        )
+        .unwrap();
+        let mut seq = 0u64;
+        let mut logs = Vec::new();
+        for &(block, count) in per_block {
+            for index in 0..count {
+                let data = U256::from(seq).to_be_bytes::<32>().to_vec();
+                logs.push(Log {
+                    inner: alloy_primitives::Log {
+                        address: CONTRACT,
+                        data: LogData::new_unchecked(
+                            vec![event.selector, B256::ZERO, B256::ZERO],
+                            Bytes::from(data),
+                        ),
+                    },
+                    block_hash: Some(block_hash(block)),
+                    block_number: Some(block),
+                    block_timestamp: None,
+                    transaction_hash: Some(B256::ZERO),
+                    transaction_index: Some(0),
+                    log_index: Some(index as u64),
+                    removed: false,
+                });
+                seq += 1;
+            }
+        }
+        logs
+    }
+
+    fn task(
+        chain: FakeChain,
+        sink: Arc<FakeSink>,
+        store: Arc<FakeStore>,
+        max_block_range: u64,
+    ) -> SubscriptionTask<FakeChain, FakeSink, FakeStore> {
+        let spec: SubscriptionSpec = serde_json::from_value(serde_json::json!({
+            "id": "s", "chain_id": 1, "address": CONTRACT,
+            "event": "event Transfer(address indexed from, address indexed to, uint256 value)",
+            "start_block": 1,
+        }))
+        .unwrap();
+        SubscriptionTask {
+            chain: Arc::new(chain),
+            sink,
+            store,
+            metrics: Metrics::new(),
+            ownership: Ownership {
+                subscription_id: spec.id.clone(),
+                generation: 1,
+                assignment_value: vec![],
+            },
+            event: spec.compile().unwrap(),
+            spec,
+            poll_interval: Duration::from_millis(5),
+            max_block_range,
+        }
+    }
+
+    async fn run_until_cursor(
+        t: SubscriptionTask<FakeChain, FakeSink, FakeStore>,
+        store: &FakeStore,
+        block: u64,
+    ) {
+        let cancel = CancellationToken::new();
+        let handle = tokio::spawn(t.run(cancel.clone()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while store.commits.lock().unwrap().last().is_none_or(|c| c.block_number < block) {
+            assert!(tokio::time::Instant::now() < deadline, "cursor never reached {block}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        cancel.cancel();
+        assert_eq!(handle.await.unwrap(), Exit::Cancelled);
+    }
+
+    fn values(sink: &FakeSink) -> Vec<String> {
+        sink.stored.lock().unwrap().iter().map(|e| e.args["value"].as_str().unwrap().to_owned()).collect()
+    }
+
+    #[tokio::test]
+    async fn publish_failures_never_reorder_lose_or_commit_early() {
+        let blocks = [(2, 3), (3, 0), (5, 4), (6, 1), (9, 5)];
+        let total: usize = blocks.iter().map(|b| b.1).sum();
+        for fail_at in [1, 2, 4, 7, 13] {
+            for range in [1, 2, 3, 10] {
+                let sink =
+                    Arc::new(FakeSink { fail_calls: vec![fail_at, fail_at + 1], ..Default::default() });
+                let store = Arc::new(FakeStore {
+                    sink: sink.clone(),
+                    commits: Mutex::default(),
+                    fenced: false,
+                    logs_by_block: blocks.iter().map(|&(b, n)| (b, n)).collect(),
+                });
+                let chain = FakeChain { head: 10, logs: transfer_logs(&blocks) };
+                run_until_cursor(task(chain, sink.clone(), store.clone(), range), &store, 10).await;
+                let want: Vec<String> = (0..total).map(|i| i.to_string()).collect();
+                assert_eq!(values(&sink), want, "fail_at={fail_at} range={range}");
+                let commits = store.commits.lock().unwrap();
+                assert!(commits.windows(2).all(|w| w[0].block_number < w[1].block_number));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restart_skips_what_the_stream_already_holds() {
+        let blocks = [(1, 2), (2, 2), (3, 2)];
+        let sink = Arc::new(FakeSink::default());
+        let logs = transfer_logs(&blocks);
+        // A previous owner stored the first three messages but crashed before any cursor.
+        for log in &logs[..3] {
+            let spec_event = CompiledEvent::compile(
+                &EventDefinition::Signature(
+                    "event Transfer(address indexed from, address indexed to, uint256 value)".into(),
+                ),
+                &Default::default(),
+            )
+            .unwrap();
+            let e = crate::decode::envelope(1, &SubscriptionId::new("s").unwrap(), &spec_event, log);
+            sink.stored.lock().unwrap().push(e);
+        }
+        let store = Arc::new(FakeStore {
+            sink: sink.clone(),
+            commits: Mutex::default(),
+            fenced: false,
+            logs_by_block: blocks.iter().map(|&(b, n)| (b, n)).collect(),
+        });
+        let chain = FakeChain { head: 3, logs };
+        run_until_cursor(task(chain, sink.clone(), store.clone(), 10), &store, 3).await;
+        assert_eq!(values(&sink), ["0", "1", "2", "3", "4", "5"]);
+        assert_eq!(*sink.calls.lock().unwrap(), 3, "only the missing three were published");
+    }
+
+    #[tokio::test]
+    async fn a_fenced_cursor_write_stops_the_task() {
+        let sink = Arc::new(FakeSink::default());
+        let store = Arc::new(FakeStore {
+            sink: sink.clone(),
+            commits: Mutex::default(),
+            fenced: true,
+            logs_by_block: BTreeMap::new(),
+        });
+        let chain = FakeChain { head: 3, logs: vec![] };
+        let exit = task(chain, sink, store, 10).run(CancellationToken::new()).await;
+        assert_eq!(exit, Exit::Fenced);
+    }
+}
