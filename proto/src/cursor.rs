@@ -17,6 +17,10 @@ pub struct Cursor {
     pub block_number: u64,
     /// Hash of that block as the worker saw it.
     pub block_hash: B256,
+    /// Rewind epoch this progress belongs to (see `SubscriptionRecord::rewind`): a rewind with
+    /// a higher epoch than the cursor's resets it; messages carry the epoch in their id.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 impl Cursor {
@@ -32,10 +36,16 @@ mod tests {
 
     #[test]
     fn round_trips_through_json() {
-        let c = Cursor { block_number: 42, block_hash: B256::repeat_byte(7) };
+        let c = Cursor { block_number: 42, block_hash: B256::repeat_byte(7), epoch: 3 };
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<Cursor>(&json).unwrap(), c);
         assert_eq!(c.next_block(), 43);
+    }
+
+    #[test]
+    fn epoch_defaults_to_zero() {
+        let old = r#"{"block_number":1,"block_hash":"0x0000000000000000000000000000000000000000000000000000000000000000"}"#;
+        assert_eq!(serde_json::from_str::<Cursor>(old).unwrap().epoch, 0);
     }
 
     #[test]

@@ -41,6 +41,11 @@ pub struct EventEnvelope {
     pub log_index: u64,
     /// `true` when this message retracts an earlier one whose block was orphaned.
     pub removed: bool,
+    /// Rewind epoch: 0 until the subscription is first rewound, then incremented by each
+    /// rewind. Replayed messages carry the new epoch (and it is part of their message id), so
+    /// a rewind is delivered again even inside JetStream's duplicate window.
+    #[serde(default)]
+    pub rewind_epoch: u64,
     /// Decoded arguments by parameter name; `null` when decoding failed (see `decode_error`).
     pub args: serde_json::Value,
     /// Why the log could not be decoded with the subscription's ABI; the raw `topics` and
@@ -56,7 +61,14 @@ pub struct EventEnvelope {
 impl EventEnvelope {
     /// The JetStream dedup id of this message; see [`msg_id`].
     pub fn msg_id(&self) -> String {
-        msg_id(self.chain_id, &self.subscription_id, &self.block_hash, self.log_index, self.removed)
+        msg_id(
+            self.chain_id,
+            &self.subscription_id,
+            &self.block_hash,
+            self.log_index,
+            self.removed,
+            self.rewind_epoch,
+        )
     }
 
     /// Position of the log in the subscription's order: (block number, log index).
@@ -66,21 +78,26 @@ impl EventEnvelope {
 }
 
 /// The `Nats-Msg-Id` of a message: `<chain_id>:<subscription_id>:<block_hash>:<log_index>`,
-/// with `:removed` appended for a retraction.
+/// then `:e<epoch>` once the subscription has been rewound (epoch > 0), then `:removed` for a
+/// retraction.
 ///
 /// A log is identified by the block *hash* (not number), so the same log re-included in a
 /// different block after a reorg is a different message, while any redelivery of the same log
 /// (crash replay, takeover) has the same id and is dropped by JetStream. A retraction gets its
-/// own id so dedup never swallows it.
+/// own id so dedup never swallows it. A rewind is an explicit request to see logs again, so
+/// the epoch makes replayed messages new to JetStream, while crash redeliveries within one
+/// epoch keep colliding.
 pub fn msg_id(
     chain_id: ChainId,
     subscription_id: &SubscriptionId,
     block_hash: &B256,
     log_index: u64,
     removed: bool,
+    epoch: u64,
 ) -> String {
-    let suffix = if removed { ":removed" } else { "" };
-    format!("{chain_id}:{subscription_id}:{block_hash}:{log_index}{suffix}")
+    let epoch = if epoch > 0 { format!(":e{epoch}") } else { String::new() };
+    let removed = if removed { ":removed" } else { "" };
+    format!("{chain_id}:{subscription_id}:{block_hash}:{log_index}{epoch}{removed}")
 }
 
 #[cfg(test)]
@@ -101,6 +118,7 @@ mod tests {
             transaction_index: 0,
             log_index: 3,
             removed: false,
+            rewind_epoch: 0,
             args: serde_json::json!({"value": "1"}),
             decode_error: None,
             topics: vec![B256::repeat_byte(1)],
@@ -132,6 +150,11 @@ mod tests {
         let mut other = base.clone();
         other.chain_id = 2;
         assert_ne!(base.msg_id(), other.msg_id());
+        let mut other = base.clone();
+        other.rewind_epoch = 1;
+        assert_eq!(other.msg_id(), format!("{}:e1", base.msg_id()));
+        other.removed = true;
+        assert_eq!(other.msg_id(), format!("{}:e1:removed", base.msg_id()));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! defined once in this crate:
 //!
 //! - [`ids`]: validated identifiers ([`SubscriptionId`], [`WorkerId`]).
-//! - [`subscription`]: what an app registers ([`SubscriptionSpec`]) and how its event
+//! - [`subscription`]: what an app registers ([`SubscriptionSpec`]), what the registry stores
+//!   ([`SubscriptionRecord`]: the spec plus pause state and rewind requests), and how its event
 //!   definition and indexed-argument filters compile into something a worker can match
 //!   logs against ([`CompiledEvent`]).
 //! - [`cursor`]: a subscription's durable progress ([`Cursor`]): the last block whose logs
@@ -28,4 +29,7 @@ pub use cursor::Cursor;
 pub use envelope::{EventEnvelope, msg_id};
 pub use ids::{ChainId, IdError, SubscriptionId, WorkerId};
 pub use keys::{Key, KeyError, Keyspace};
-pub use subscription::{CompiledEvent, EventDefinition, SpecError, StartBlock, SubscriptionSpec};
+pub use subscription::{
+    CompiledEvent, EventDefinition, Rewind, SpecError, StartBlock, SubscriptionRecord, SubscriptionSpec,
+    SubscriptionState,
+};

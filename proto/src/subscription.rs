@@ -72,6 +72,63 @@ impl SubscriptionSpec {
     }
 }
 
+/// What the registry stores at `<prefix>/subscriptions/<id>`: the app's spec and the
+/// operator's control state. The spec never changes after registration; `state` and `rewind`
+/// do, and the owning worker restarts the subscription's task whenever the record changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionRecord {
+    /// What the app registered.
+    pub spec: SubscriptionSpec,
+    /// Whether the subscription runs.
+    #[serde(default)]
+    pub state: SubscriptionState,
+    /// The latest rewind request, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewind: Option<Rewind>,
+    /// Registration time, Unix seconds.
+    #[serde(default)]
+    pub created_at: u64,
+}
+
+impl SubscriptionRecord {
+    /// A new, active record for `spec`.
+    pub fn new(spec: SubscriptionSpec, created_at: u64) -> Self {
+        Self { spec, state: SubscriptionState::Active, rewind: None, created_at }
+    }
+
+    /// The epoch a rewind would get next.
+    pub fn next_rewind_epoch(&self) -> u64 {
+        self.rewind.map_or(1, |r| r.epoch + 1)
+    }
+}
+
+/// Whether a subscription runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SubscriptionState {
+    /// Fetching and publishing.
+    #[default]
+    Active,
+    /// Stopped by an operator; resumes from its cursor.
+    Paused,
+}
+
+/// A request to replay a subscription from `from_block`.
+///
+/// Applied by the owning worker, never by the coordinator: when the worker starts the
+/// subscription and finds a rewind whose `epoch` is above its cursor's, it moves its own cursor
+/// (fenced like every cursor write) to just before `from_block` with the new epoch. The
+/// coordinator therefore never races the owner's cursor writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rewind {
+    /// Increases with every rewind of the subscription; part of replayed messages' ids.
+    pub epoch: u64,
+    /// First block to deliver again. Block 0 means the same as 1 (genesis has no logs).
+    pub from_block: u64,
+}
+
 /// How the event is described.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -366,6 +423,18 @@ mod tests {
         }))
         .unwrap_err();
         assert!(err.to_string().contains("confirmation"), "{err}");
+    }
+
+    #[test]
+    fn records_round_trip_and_count_rewinds() {
+        let mut r = SubscriptionRecord::new(transfer_spec(), 7);
+        assert_eq!(r.next_rewind_epoch(), 1);
+        r.rewind = Some(Rewind { epoch: 1, from_block: 10 });
+        r.state = SubscriptionState::Paused;
+        assert_eq!(r.next_rewind_epoch(), 2);
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains(r#""state":"paused""#), "{json}");
+        assert_eq!(serde_json::from_str::<SubscriptionRecord>(&json).unwrap(), r);
     }
 
     #[test]

@@ -4,7 +4,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
-use herald_proto::{Assignment, Cursor, EventEnvelope, Keyspace, SubscriptionId, SubscriptionSpec, WorkerId};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use herald_proto::{
+    Assignment, Cursor, EventEnvelope, Keyspace, Rewind, SubscriptionId, SubscriptionRecord,
+    SubscriptionSpec, SubscriptionState, WorkerId,
+};
 use nix::sys::signal::Signal;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -165,9 +169,61 @@ pub async fn register_subscription(
     worker: &str,
 ) -> anyhow::Result<()> {
     let keys = Keyspace::default();
-    etcd.put(keys.subscription(&spec.id), serde_json::to_vec(spec)?, None).await?;
+    let record = SubscriptionRecord::new(spec.clone(), 0);
+    etcd.put(keys.subscription(&spec.id), serde_json::to_vec(&record)?, None).await?;
     let assignment = Assignment { worker_id: WorkerId::new(worker)? };
     etcd.put(keys.assignment(&spec.id), serde_json::to_vec(&assignment)?, None).await?;
+    Ok(())
+}
+
+/// Reads, changes and writes back a subscription record (compare-and-swap on its revision).
+pub async fn update_record(
+    etcd: &mut etcd_client::Client,
+    id: &SubscriptionId,
+    change: impl Fn(&mut SubscriptionRecord),
+) -> anyhow::Result<()> {
+    let key = Keyspace::default().subscription(id);
+    loop {
+        let resp = etcd.get(key.as_str(), None).await?;
+        let kv = resp.kvs().first().ok_or_else(|| anyhow::anyhow!("no subscription {id}"))?;
+        let mut record: SubscriptionRecord = serde_json::from_slice(kv.value())?;
+        change(&mut record);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision())])
+            .and_then([TxnOp::put(key.as_str(), serde_json::to_vec(&record)?, None)]);
+        if etcd.txn(txn).await?.succeeded() {
+            return Ok(());
+        }
+    }
+}
+
+/// Pauses or resumes a subscription.
+pub async fn set_state(
+    etcd: &mut etcd_client::Client,
+    id: &SubscriptionId,
+    state: SubscriptionState,
+) -> anyhow::Result<()> {
+    update_record(etcd, id, |r| r.state = state).await
+}
+
+/// Requests a replay from `from_block`.
+pub async fn request_rewind(
+    etcd: &mut etcd_client::Client,
+    id: &SubscriptionId,
+    from_block: u64,
+) -> anyhow::Result<()> {
+    update_record(etcd, id, |r| r.rewind = Some(Rewind { epoch: r.next_rewind_epoch(), from_block })).await
+}
+
+/// Deletes a subscription with its assignment and cursor, in one transaction.
+pub async fn delete_subscription(etcd: &mut etcd_client::Client, id: &SubscriptionId) -> anyhow::Result<()> {
+    let keys = Keyspace::default();
+    let txn = Txn::new().and_then([
+        TxnOp::delete(keys.subscription(id), None),
+        TxnOp::delete(keys.assignment(id), None),
+        TxnOp::delete(keys.cursor(id), None),
+    ]);
+    etcd.txn(txn).await?;
     Ok(())
 }
 

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald_proto::{CompiledEvent, Cursor, StartBlock, SubscriptionSpec};
+use herald_proto::{CompiledEvent, Cursor, Rewind, StartBlock, SubscriptionSpec};
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::{ChainRpc, LogQuery, RpcError};
@@ -46,10 +46,20 @@ pub struct SubscriptionTask<R, S, C> {
     pub spec: SubscriptionSpec,
     /// Its compiled event.
     pub event: CompiledEvent,
+    /// The latest rewind request in the subscription's record.
+    pub rewind: Option<Rewind>,
     /// How long to wait when caught up.
     pub poll_interval: Duration,
     /// Largest `eth_getLogs` span.
     pub max_block_range: u64,
+}
+
+/// Where a task starts.
+struct Resume {
+    /// First block to process.
+    next: u64,
+    /// Rewind epoch of everything it publishes.
+    epoch: u64,
 }
 
 enum Step {
@@ -68,7 +78,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
 
     /// Runs until cancelled or fenced.
     pub async fn run(self, cancel: CancellationToken) -> Exit {
-        let Some(mut next) = self.resume_point(&cancel).await else {
+        let Some(Resume { mut next, epoch }) = self.resume_point(&cancel).await else {
             return Exit::Cancelled;
         };
         let subject = self.spec.subject();
@@ -76,13 +86,16 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         else {
             return Exit::Cancelled;
         };
-        let mut published_through =
-            tail.filter(|e| e.subscription_id == self.spec.id && !e.removed).map(|e| e.position());
-        tracing::info!(next_block = next, ?published_through, %subject, "subscription started");
+        // Only messages of this subscription and epoch count: after a rewind the stream's tail
+        // belongs to the previous epoch and everything is to be published again.
+        let mut published_through = tail
+            .filter(|e| e.subscription_id == self.spec.id && !e.removed && e.rewind_epoch == epoch)
+            .map(|e| e.position());
+        tracing::info!(next_block = next, epoch, ?published_through, %subject, "subscription started");
 
         let mut backoff = Backoff::network();
         loop {
-            let step = self.step(&mut next, &mut published_through, &subject, &cancel).await;
+            let step = self.step(&mut next, epoch, &mut published_through, &subject, &cancel).await;
             match step {
                 Ok(Step::Continue) => backoff.reset(),
                 Ok(Step::Idle) => {
@@ -107,26 +120,36 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         }
     }
 
-    /// The first block to process: after the cursor, or the spec's start block. A `latest`
-    /// start is pinned by committing a cursor at once, so a restart does not move it.
-    async fn resume_point(&self, cancel: &CancellationToken) -> Option<u64> {
+    /// Where to start, and in which rewind epoch: a pending rewind (epoch above the cursor's)
+    /// moves the cursor to just before its block; otherwise after the cursor; otherwise the
+    /// spec's start block. A `latest` start is pinned by committing a cursor at once, so a
+    /// restart does not move it.
+    async fn resume_point(&self, cancel: &CancellationToken) -> Option<Resume> {
         let cursor = retry("load the cursor", cancel, || self.store.load_cursor(&self.spec.id)).await?;
+        let cursor_epoch = cursor.map_or(0, |c| c.epoch);
+        if let Some(rewind) = self.rewind.filter(|r| r.epoch > cursor_epoch) {
+            let from = rewind.from_block.max(1);
+            let block =
+                retry("read the block before the rewind", cancel, || self.chain.block(from - 1)).await?;
+            let cursor = Cursor { block_number: from - 1, block_hash: block.hash, epoch: rewind.epoch };
+            self.commit(&cursor, cancel).await.ok()?;
+            tracing::info!(from_block = from, epoch = rewind.epoch, "rewound");
+            return Some(Resume { next: from, epoch: rewind.epoch });
+        }
         if let Some(cursor) = cursor {
-            return Some(cursor.next_block());
+            return Some(Resume { next: cursor.next_block(), epoch: cursor.epoch });
         }
         match self.spec.start_block {
-            StartBlock::Number(n) => Some(n),
+            StartBlock::Number(n) => Some(Resume { next: n, epoch: 0 }),
             StartBlock::Latest => {
                 let head = retry("read the chain head", cancel, || self.chain.head()).await?;
                 let Some(target) = confirmed_target(head, self.spec.confirmations) else {
-                    return Some(0);
+                    return Some(Resume { next: 0, epoch: 0 });
                 };
                 let block = retry("read the start block", cancel, || self.chain.block(target)).await?;
-                let cursor = Cursor { block_number: target, block_hash: block.hash };
-                match self.commit(&cursor, cancel).await {
-                    Ok(()) => Some(cursor.next_block()),
-                    Err(_) => None,
-                }
+                let cursor = Cursor { block_number: target, block_hash: block.hash, epoch: 0 };
+                self.commit(&cursor, cancel).await.ok()?;
+                Some(Resume { next: cursor.next_block(), epoch: 0 })
             }
         }
     }
@@ -134,6 +157,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
     async fn step(
         &self,
         next: &mut u64,
+        epoch: u64,
         published_through: &mut Option<(u64, u64)>,
         subject: &str,
         cancel: &CancellationToken,
@@ -161,7 +185,8 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         let last_block = self.observe(self.chain.block(to).await, "eth_getBlockByNumber")?;
 
         for log in logs.iter().filter(|l| self.event.matches_topics(l.topics())) {
-            let envelope = decode::envelope(self.spec.chain_id, &self.spec.id, &self.event, log);
+            let mut envelope = decode::envelope(self.spec.chain_id, &self.spec.id, &self.event, log);
+            envelope.rewind_epoch = epoch;
             if published_through.is_some_and(|p| envelope.position() <= p) {
                 continue;
             }
@@ -180,7 +205,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             }
         }
 
-        let cursor = Cursor { block_number: to, block_hash: last_block.hash };
+        let cursor = Cursor { block_number: to, block_hash: last_block.hash, epoch };
         if let Err(exit) = self.commit(&cursor, cancel).await {
             return Ok(Step::Exit(exit));
         }
@@ -431,6 +456,7 @@ mod tests {
             },
             event: spec.compile().unwrap(),
             spec,
+            rewind: None,
             poll_interval: Duration::from_millis(5),
             max_block_range,
         }

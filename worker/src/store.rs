@@ -13,7 +13,7 @@ use std::time::Duration;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, WatchOptions, WatchStream,
 };
-use herald_proto::{Assignment, Cursor, Key, Keyspace, SubscriptionId, SubscriptionSpec, WorkerId};
+use herald_proto::{Assignment, Cursor, Key, Keyspace, SubscriptionId, SubscriptionRecord, WorkerId};
 
 /// A failed store operation.
 #[derive(Debug, thiserror::Error)]
@@ -150,18 +150,60 @@ impl EtcdStore {
         &self.keys
     }
 
-    /// The registered spec of a subscription.
-    pub async fn load_spec(&self, id: &SubscriptionId) -> Result<Option<SubscriptionSpec>, StoreError> {
-        let key = self.keys.subscription(id);
-        let resp = self.client.clone().get(key.as_str(), None).await?;
-        resp.kvs()
-            .first()
-            .map(|kv| {
-                serde_json::from_slice(kv.value())
-                    .map_err(|e| StoreError::BadValue { key: key.clone(), message: e.to_string() })
-            })
-            .transpose()
+    /// Every subscription record, with its mod revision, and the revision they were read at.
+    pub async fn records(&self) -> Result<(BTreeMap<SubscriptionId, Versioned>, i64), StoreError> {
+        let mut client = self.client.clone();
+        let resp = client.get(self.keys.subscriptions_dir(), Some(GetOptions::new().with_prefix())).await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut records = BTreeMap::new();
+        for kv in resp.kvs() {
+            if let Some((id, record)) = self.record_from(kv.key(), kv.value(), kv.mod_revision()) {
+                records.insert(id, record);
+            }
+        }
+        Ok((records, revision))
     }
+
+    /// Parses a subscription key/value; `None` (logged) when it does not parse.
+    pub fn record_from(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        mod_revision: i64,
+    ) -> Option<(SubscriptionId, Versioned)> {
+        let key = std::str::from_utf8(key).ok()?;
+        let Ok(Key::Subscription(id)) = self.keys.parse(key) else {
+            tracing::warn!(key, "ignoring unparsable subscription key");
+            return None;
+        };
+        match serde_json::from_slice::<SubscriptionRecord>(value) {
+            Ok(record) if record.spec.id == id => Some((id, Versioned { record, mod_revision })),
+            Ok(_) => {
+                tracing::warn!(key, "ignoring subscription record whose id does not match its key");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(key, error = %e, "ignoring unparsable subscription record");
+                None
+            }
+        }
+    }
+
+    /// Watches every subscription record change after `revision`.
+    pub async fn watch_records(&self, revision: i64) -> Result<WatchStream, StoreError> {
+        let mut client = self.client.clone();
+        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+        Ok(client.watch(self.keys.subscriptions_dir(), Some(options)).await?)
+    }
+}
+
+/// A subscription record and the etcd revision it was last modified at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned {
+    /// The record.
+    pub record: SubscriptionRecord,
+    /// Its key's mod revision: changes with every pause, resume or rewind.
+    pub mod_revision: i64,
 }
 
 impl CursorStore for EtcdStore {

@@ -1,16 +1,20 @@
-//! Runs one task per subscription assigned to this worker, following the assignments in etcd.
+//! Runs one task per active subscription assigned to this worker, following etcd.
 //!
-//! List, then watch from the listed revision; on any watch failure (or every resync
-//! interval) list again. Each change is reconciled by [`plan`], a pure diff between what runs
-//! and what is assigned. A task whose ownership changed is stopped and *joined* before its
-//! successor starts, so two tasks never act on one subscription at once.
+//! Two inputs are followed, each by listing then watching from the listed revision (and listing
+//! again on any watch failure or every resync interval): the assignments (which subscriptions
+//! this worker owns, under which generation) and the subscription records (spec, pause state,
+//! rewind requests). A task runs for every owned subscription whose record is active; its
+//! identity is the ownership plus the record's revision, so a pause stops it, a resume starts it
+//! from its cursor, a rewind restarts it (the new task applies the rewind), and a deletion or
+//! revocation stops it. Each change is reconciled by [`plan`], a pure diff; a stopped task is
+//! *joined* before its successor starts, so two tasks never act on one subscription at once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::EventType;
-use herald_proto::{ChainId, SubscriptionId, WorkerId};
+use herald_proto::{ChainId, Key, SubscriptionId, SubscriptionState, WorkerId};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -21,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Exit, SubscriptionTask};
 use crate::publish::JetStreamSink;
 use crate::retry::{Backoff, pause, retry};
-use crate::store::{EtcdStore, Ownership};
+use crate::store::{EtcdStore, Ownership, Versioned};
 
 /// How often assignments are re-listed even when the watch is healthy.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(15);
@@ -43,11 +47,40 @@ pub struct Changes {
     pub start: Vec<SubscriptionId>,
 }
 
-/// Diffs running tasks against desired ownerships. Pure.
-pub fn plan(
-    running: &BTreeMap<SubscriptionId, Ownership>,
+/// What a task is started for: the ownership it acts under and the revision of the record it
+/// read. A change of either means a new task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskKey {
+    /// The assignment.
+    pub ownership: Ownership,
+    /// Mod revision of the subscription record.
+    pub record_revision: i64,
+}
+
+/// The tasks that should run: owned subscriptions whose record exists and is active. Pure.
+pub fn desired_tasks(
+    ownerships: &BTreeMap<SubscriptionId, Ownership>,
+    records: &BTreeMap<SubscriptionId, Versioned>,
+) -> BTreeMap<SubscriptionId, TaskKey> {
+    ownerships
+        .iter()
+        .filter_map(|(id, ownership)| {
+            let versioned = records.get(id)?;
+            (versioned.record.state == SubscriptionState::Active).then(|| {
+                (
+                    id.clone(),
+                    TaskKey { ownership: ownership.clone(), record_revision: versioned.mod_revision },
+                )
+            })
+        })
+        .collect()
+}
+
+/// Diffs running tasks against desired ones. Pure.
+pub fn plan<K: PartialEq>(
+    running: &BTreeMap<SubscriptionId, K>,
     finished: &[SubscriptionId],
-    desired: &BTreeMap<SubscriptionId, Ownership>,
+    desired: &BTreeMap<SubscriptionId, K>,
 ) -> Changes {
     let mut changes = Changes::default();
     for (id, ownership) in running {
@@ -65,7 +98,7 @@ pub fn plan(
 }
 
 struct Running {
-    ownership: Ownership,
+    key: TaskKey,
     cancel: CancellationToken,
     handle: JoinHandle<Exit>,
 }
@@ -90,17 +123,27 @@ impl Supervisor {
         let mut running: BTreeMap<SubscriptionId, Running> = BTreeMap::new();
         let mut backoff = Backoff::network();
         'relist: while !cancel.is_cancelled() {
-            let Some((mut desired, revision)) =
+            let Some((mut ownerships, assignments_revision)) =
                 retry("list assignments in etcd", &cancel, || self.store.assignments_of(&self.worker_id))
                     .await
             else {
                 break;
             };
-            self.reconcile(&mut running, &desired, &cancel).await;
-            let mut watch = match self.store.watch_assignments(revision).await {
+            let Some((mut records, records_revision)) =
+                retry("list subscriptions in etcd", &cancel, || self.store.records()).await
+            else {
+                break;
+            };
+            self.reconcile(&mut running, &ownerships, &records, &cancel).await;
+            let watches = futures::future::try_join(
+                self.store.watch_assignments(assignments_revision),
+                self.store.watch_records(records_revision),
+            )
+            .await;
+            let (mut assignment_watch, mut record_watch) = match watches {
                 Ok(w) => w,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch assignments, relisting");
+                    tracing::warn!(error = %e, "cannot watch etcd, relisting");
                     if !pause(&mut backoff, &cancel).await {
                         break;
                     }
@@ -111,31 +154,57 @@ impl Supervisor {
             let resync = tokio::time::sleep(RESYNC_INTERVAL);
             tokio::pin!(resync);
             loop {
-                tokio::select! {
+                let response = tokio::select! {
                     _ = cancel.cancelled() => break 'relist,
                     _ = &mut resync => continue 'relist,
-                    message = watch.message() => {
-                        let response = match message {
-                            Ok(Some(r)) if !r.canceled() => r,
-                            Ok(_) => { tracing::info!("assignment watch ended, relisting"); continue 'relist; }
-                            Err(e) => { tracing::warn!(error = %e, "assignment watch failed, relisting"); continue 'relist; }
-                        };
-                        for event in response.events() {
-                            let Some(kv) = event.kv() else { continue };
-                            let Ok(key) = kv.key_str() else { continue };
-                            let Ok(herald_proto::Key::Assignment(id)) = self.store.keys().parse(key) else { continue };
-                            let mine = match event.event_type() {
-                                EventType::Put => self.store.ownership_from(&self.worker_id, kv.key(), kv.value(), kv.create_revision()),
-                                EventType::Delete => None,
-                            };
+                    m = assignment_watch.message() => m,
+                    m = record_watch.message() => m,
+                };
+                let response = match response {
+                    Ok(Some(r)) if !r.canceled() => r,
+                    Ok(_) => {
+                        tracing::info!("etcd watch ended, relisting");
+                        continue 'relist;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "etcd watch failed, relisting");
+                        continue 'relist;
+                    }
+                };
+                for event in response.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    let Ok(key) = kv.key_str() else { continue };
+                    let put = event.event_type() == EventType::Put;
+                    match self.store.keys().parse(key) {
+                        Ok(Key::Assignment(id)) => {
+                            let mine = put
+                                .then(|| {
+                                    self.store.ownership_from(
+                                        &self.worker_id,
+                                        kv.key(),
+                                        kv.value(),
+                                        kv.create_revision(),
+                                    )
+                                })
+                                .flatten();
                             match mine {
-                                Some(o) => { desired.insert(id, o); }
-                                None => { desired.remove(&id); }
-                            }
+                                Some(o) => ownerships.insert(id, o),
+                                None => ownerships.remove(&id),
+                            };
                         }
-                        self.reconcile(&mut running, &desired, &cancel).await;
+                        Ok(Key::Subscription(id)) => {
+                            let record = put
+                                .then(|| self.store.record_from(kv.key(), kv.value(), kv.mod_revision()))
+                                .flatten();
+                            match record {
+                                Some((_, r)) => records.insert(id, r),
+                                None => records.remove(&id),
+                            };
+                        }
+                        _ => {}
                     }
                 }
+                self.reconcile(&mut running, &ownerships, &records, &cancel).await;
             }
         }
         tracing::info!(tasks = running.len(), "stopping subscription tasks");
@@ -149,14 +218,15 @@ impl Supervisor {
     async fn reconcile(
         &self,
         running: &mut BTreeMap<SubscriptionId, Running>,
-        desired: &BTreeMap<SubscriptionId, Ownership>,
+        ownerships: &BTreeMap<SubscriptionId, Ownership>,
+        records: &BTreeMap<SubscriptionId, Versioned>,
         cancel: &CancellationToken,
     ) {
-        let current: BTreeMap<_, _> =
-            running.iter().map(|(id, r)| (id.clone(), r.ownership.clone())).collect();
+        let desired = desired_tasks(ownerships, records);
+        let current: BTreeMap<_, _> = running.iter().map(|(id, r)| (id.clone(), r.key.clone())).collect();
         let finished: Vec<_> =
             running.iter().filter(|(_, r)| r.handle.is_finished()).map(|(id, _)| id.clone()).collect();
-        let changes = plan(&current, &finished, desired);
+        let changes = plan(&current, &finished, &desired);
         for id in &changes.stop {
             if let Some(task) = running.remove(id) {
                 tracing::info!(subscription_id = %id, "stopping subscription task");
@@ -165,27 +235,17 @@ impl Supervisor {
             }
         }
         for id in changes.start {
-            let ownership = desired[&id].clone();
-            if let Some(task) = self.spawn(ownership.clone(), cancel).await {
+            let key = desired[&id].clone();
+            if let Some(task) = self.spawn(key, &records[&id], cancel) {
                 running.insert(id, task);
             }
         }
         self.metrics.assigned_subscriptions.set(running.len() as i64);
     }
 
-    async fn spawn(&self, ownership: Ownership, cancel: &CancellationToken) -> Option<Running> {
-        let id = ownership.subscription_id.clone();
-        let spec = match self.store.load_spec(&id).await {
-            Ok(Some(spec)) => spec,
-            Ok(None) => {
-                tracing::warn!(subscription_id = %id, "assigned subscription has no spec yet; retrying at next resync");
-                return None;
-            }
-            Err(e) => {
-                tracing::warn!(subscription_id = %id, error = %e, "cannot load subscription spec; retrying at next resync");
-                return None;
-            }
-        };
+    fn spawn(&self, key: TaskKey, versioned: &Versioned, cancel: &CancellationToken) -> Option<Running> {
+        let id = key.ownership.subscription_id.clone();
+        let spec = versioned.record.spec.clone();
         let event = match spec.compile() {
             Ok(e) => e,
             Err(e) => {
@@ -202,16 +262,17 @@ impl Supervisor {
             sink: self.sink.clone(),
             store: Arc::new(self.store.clone()),
             metrics: self.metrics.clone(),
-            ownership: ownership.clone(),
+            ownership: key.ownership.clone(),
             event,
+            rewind: versioned.record.rewind,
             poll_interval: chain.config.poll_interval,
             max_block_range: chain.config.max_block_range,
             spec,
         };
         let child = cancel.child_token();
-        let span = tracing::info_span!("subscription", subscription_id = %id, chain_id = chain.config.chain_id, generation = ownership.generation);
+        let span = tracing::info_span!("subscription", subscription_id = %id, chain_id = chain.config.chain_id, generation = key.ownership.generation);
         let handle = tokio::spawn(task.run(child.clone()).instrument(span));
-        Some(Running { ownership, cancel: child, handle })
+        Some(Running { key, cancel: child, handle })
     }
 }
 
@@ -226,6 +287,40 @@ mod tests {
 
     fn ids(v: &[&str]) -> Vec<SubscriptionId> {
         v.iter().map(|s| SubscriptionId::new(*s).unwrap()).collect()
+    }
+
+    fn versioned(id: &str, state: SubscriptionState, mod_revision: i64) -> (SubscriptionId, Versioned) {
+        let spec: herald_proto::SubscriptionSpec = serde_json::from_value(serde_json::json!({
+            "id": id, "chain_id": 1, "address": "0x1111111111111111111111111111111111111111",
+            "event": "event E(uint256 x)",
+        }))
+        .unwrap();
+        let mut record = herald_proto::SubscriptionRecord::new(spec, 0);
+        record.state = state;
+        (SubscriptionId::new(id).unwrap(), Versioned { record, mod_revision })
+    }
+
+    #[test]
+    fn only_owned_active_recorded_subscriptions_run() {
+        let ownerships: BTreeMap<_, _> = [own("a", 1), own("b", 2), own("c", 3)].into();
+        let records: BTreeMap<_, _> = [
+            versioned("a", SubscriptionState::Active, 10),
+            versioned("b", SubscriptionState::Paused, 11),
+            versioned("z", SubscriptionState::Active, 12),
+        ]
+        .into();
+        let desired = desired_tasks(&ownerships, &records);
+        assert_eq!(desired.keys().cloned().collect::<Vec<_>>(), ids(&["a"]));
+        assert_eq!(desired[&ids(&["a"])[0]].record_revision, 10);
+    }
+
+    #[test]
+    fn a_record_change_restarts_the_task() {
+        let ownerships: BTreeMap<_, _> = [own("a", 1)].into();
+        let before = desired_tasks(&ownerships, &[versioned("a", SubscriptionState::Active, 10)].into());
+        let after = desired_tasks(&ownerships, &[versioned("a", SubscriptionState::Active, 14)].into());
+        let changes = plan(&before, &[], &after);
+        assert_eq!((changes.stop, changes.start), (ids(&["a"]), ids(&["a"])));
     }
 
     #[test]
