@@ -10,6 +10,10 @@
 //! | `<prefix>/assignments/<id>`           | `Assignment`           | coordinator leader    |
 //! | `<prefix>/cursors/<id>`               | `Cursor`               | owning worker (fenced)|
 //! | `<prefix>/coordinator/leader`         | leader identity        | coordinator election  |
+//! | `<prefix>/fingerprints/<hex>`         | subscription id        | coordinator (API)     |
+//!
+//! A fingerprint key makes "the same chain + address + event + filters registered twice"
+//! detectable inside the creating transaction.
 
 use crate::ids::{IdError, SubscriptionId, WorkerId};
 
@@ -18,6 +22,7 @@ const WORKERS: &str = "workers";
 const ASSIGNMENTS: &str = "assignments";
 const CURSORS: &str = "cursors";
 const LEADER: &str = "coordinator/leader";
+const FINGERPRINTS: &str = "fingerprints";
 
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "/herald";
@@ -35,6 +40,8 @@ pub enum Key {
     Cursor(SubscriptionId),
     /// `<prefix>/coordinator/leader`
     Leader,
+    /// `<prefix>/fingerprints/<hex>`
+    Fingerprint(String),
 }
 
 /// Why a key or prefix was rejected.
@@ -122,6 +129,10 @@ impl Keyspace {
     pub fn cursors_dir(&self) -> String {
         self.dir(CURSORS)
     }
+    /// `<prefix>/fingerprints/<hex>`
+    pub fn fingerprint(&self, hex: &str) -> String {
+        format!("{}{hex}", self.dir(FINGERPRINTS))
+    }
     /// `<prefix>/coordinator/leader`
     pub fn leader(&self) -> String {
         format!("{}/{LEADER}", self.prefix)
@@ -143,6 +154,9 @@ impl Keyspace {
             ASSIGNMENTS => SubscriptionId::new(id).map(Key::Assignment).map_err(bad_id),
             CURSORS => SubscriptionId::new(id).map(Key::Cursor).map_err(bad_id),
             WORKERS => WorkerId::new(id).map(Key::Worker).map_err(bad_id),
+            FINGERPRINTS if !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit()) => {
+                Ok(Key::Fingerprint(id.to_owned()))
+            }
             _ => Err(KeyError::Unknown(key.to_owned())),
         }
     }
@@ -202,6 +216,7 @@ mod tests {
             prop_assert_eq!(ks.parse(&ks.cursor(&s)).unwrap(), Key::Cursor(s.clone()));
             prop_assert_eq!(ks.parse(&ks.worker(&w)).unwrap(), Key::Worker(w));
             prop_assert_eq!(ks.parse(&ks.leader()).unwrap(), Key::Leader);
+            prop_assert_eq!(ks.parse(&ks.fingerprint("00ff")).unwrap(), Key::Fingerprint("00ff".into()));
         }
     }
 }

@@ -10,6 +10,7 @@
 //!   logs against ([`CompiledEvent`]).
 //! - [`cursor`]: a subscription's durable progress ([`Cursor`]): the last block whose logs
 //!   were all acknowledged by JetStream, with its hash so that unwinding is possible.
+//! - [`membership`]: what a live worker announces under its lease ([`WorkerInfo`]).
 //! - [`assignment`]: the record a coordinator writes to hand a subscription to a worker.
 //! - [`envelope`]: the JSON message consumers read ([`EventEnvelope`]) and the
 //!   `Nats-Msg-Id` rule that makes redeliveries collapse in JetStream.
@@ -21,6 +22,7 @@ pub mod cursor;
 pub mod envelope;
 pub mod ids;
 pub mod keys;
+pub mod membership;
 pub mod subjects;
 pub mod subscription;
 
@@ -29,6 +31,7 @@ pub use cursor::Cursor;
 pub use envelope::{EventEnvelope, msg_id};
 pub use ids::{ChainId, IdError, SubscriptionId, WorkerId};
 pub use keys::{Key, KeyError, Keyspace};
+pub use membership::WorkerInfo;
 pub use subscription::{
     CompiledEvent, EventDefinition, Rewind, SpecError, StartBlock, SubscriptionRecord, SubscriptionSpec,
     SubscriptionState,

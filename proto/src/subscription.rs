@@ -56,6 +56,27 @@ impl SubscriptionSpec {
         self.subject.clone().unwrap_or_else(|| subjects::default_subject(self.chain_id, &self.id))
     }
 
+    /// Identity of *what* is subscribed to, independent of the id: chain, contract, event
+    /// (selector and which parameters are indexed) and the filters as topics. Two specs with
+    /// the same fingerprint would publish the same logs twice. Hex of a keccak256.
+    pub fn fingerprint(&self, compiled: &CompiledEvent) -> String {
+        let indexed: String =
+            compiled.event.inputs.iter().map(|p| if p.indexed { 'i' } else { 'd' }).collect();
+        let mut text = format!("{}:{:x}:{}:{indexed}", self.chain_id, self.address, compiled.selector);
+        for filter in &compiled.topic_filters {
+            text.push(':');
+            if let Some(values) = filter {
+                let mut values = values.clone();
+                values.sort();
+                values.dedup();
+                for v in values {
+                    text.push_str(&format!("{v},"));
+                }
+            }
+        }
+        alloy_primitives::hex::encode(keccak256(text.as_bytes()))
+    }
+
     /// Validates the spec and compiles its event and filters.
     pub fn compile(&self) -> Result<CompiledEvent, SpecError> {
         if let Some(subject) = &self.subject {
@@ -435,6 +456,26 @@ mod tests {
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains(r#""state":"paused""#), "{json}");
         assert_eq!(serde_json::from_str::<SubscriptionRecord>(&json).unwrap(), r);
+    }
+
+    #[test]
+    fn fingerprints_ignore_the_id_and_filter_order_but_not_what_is_matched() {
+        let a = transfer_spec();
+        let mut b = transfer_spec();
+        b.id = SubscriptionId::new("other").unwrap();
+        b.confirmations = 5;
+        let fp = |s: &SubscriptionSpec| s.fingerprint(&s.compile().unwrap());
+        assert_eq!(fp(&a), fp(&b));
+        let (x, y) = (Address::repeat_byte(1).to_string(), Address::repeat_byte(2).to_string());
+        let mut c = transfer_spec();
+        c.filters.insert("to".into(), vec![x.clone(), y.clone()]);
+        let mut d = transfer_spec();
+        d.filters.insert("to".into(), vec![y, x]);
+        assert_eq!(fp(&c), fp(&d));
+        assert_ne!(fp(&a), fp(&c));
+        let mut e = transfer_spec();
+        e.address = Address::repeat_byte(9);
+        assert_ne!(fp(&a), fp(&e));
     }
 
     #[test]

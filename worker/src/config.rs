@@ -34,6 +34,27 @@ pub struct Config {
     /// The chains this worker serves.
     #[serde(default)]
     pub chains: Vec<ChainConfig>,
+    /// Cluster membership.
+    #[serde(default)]
+    pub membership: MembershipConfig,
+}
+
+/// How this worker takes part in the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembershipConfig {
+    /// TTL of the lease that keeps this worker's registration (and its assignments) alive;
+    /// renewed every TTL/3.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Relative capacity announced to the coordinator; 0 = unbounded.
+    pub capacity: u32,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        Self { lease_ttl: Duration::from_secs(10), capacity: 0 }
+    }
 }
 
 /// Log output format.
@@ -215,6 +236,9 @@ impl Config {
         if self.nats.stream.duplicate_window.is_zero() {
             return Err(invalid("nats.stream.duplicate_window", "must be greater than zero"));
         }
+        if self.membership.lease_ttl < Duration::from_secs(2) {
+            return Err(invalid("membership.lease_ttl", "must be at least 2s"));
+        }
         if self.chains.is_empty() {
             return Err(invalid("chains", "needs at least one chain"));
         }
@@ -250,6 +274,7 @@ struct Defaults {
     log_format: LogFormat,
     etcd: EtcdConfig,
     nats: NatsConfig,
+    membership: MembershipConfig,
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! - [`store`]: `CursorStore` and the etcd adapter (assignments, specs, fenced cursor writes).
 //! - [`ranges`], [`decode`]: pure decisions (which blocks next, log -> envelope).
 //! - [`pipeline`]: one subscription's fetch -> decode -> publish -> commit loop.
+//! - [`membership`]: the leased registration under `<prefix>/workers/<id>`.
 //! - [`supervisor`]: one pipeline task per assigned subscription, following etcd.
 //! - [`retry`], [`metrics`], [`shutdown`]: backoff, Prometheus metrics, signal handling.
 //!
@@ -17,6 +18,7 @@
 pub mod chain;
 pub mod config;
 pub mod decode;
+pub mod membership;
 pub mod metrics;
 pub mod pipeline;
 pub mod publish;
@@ -104,10 +106,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         chains.insert(chain.chain_id, ChainHandle { rpc: Arc::new(rpc), config: chain.clone() });
     }
 
+    let membership = membership::Membership {
+        store: store.clone(),
+        info: membership::Membership::info(
+            config.worker_id.clone(),
+            chains.keys().copied().collect(),
+            config.membership.capacity,
+        ),
+        ttl: config.membership.lease_ttl,
+    };
+    let membership_stop = CancellationToken::new();
+    let membership_task = tokio::spawn(membership.run(membership_stop.clone()));
+
     let supervisor =
         Supervisor { worker_id: config.worker_id.clone(), store, sink: Arc::new(sink), chains, metrics };
     tracing::info!(worker_id = %config.worker_id, "worker running");
     supervisor.run(shutdown).await;
+    // Leave the cluster only after every task stopped: revoking the lease releases the
+    // assignments for other workers.
+    membership_stop.cancel();
+    let _ = membership_task.await;
     tracing::info!("worker stopped");
     Ok(())
 }

@@ -24,6 +24,9 @@ pub enum StoreError {
     /// etcd could not be reached or failed the request; retry.
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
+    /// The worker's lease expired before it could be renewed.
+    #[error("lease {0:x} expired")]
+    LeaseExpired(i64),
     /// A stored value does not parse; someone wrote garbage under herald's prefix.
     #[error("bad value at {key}: {message}")]
     BadValue {
@@ -143,6 +146,11 @@ impl EtcdStore {
         let mut client = self.client.clone();
         let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
         Ok(client.watch(self.keys.assignments_dir(), Some(options)).await?)
+    }
+
+    /// A handle on the etcd client (cheap to clone).
+    pub fn client(&self) -> Client {
+        self.client.clone()
     }
 
     /// The keyspace.
