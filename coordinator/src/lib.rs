@@ -1,7 +1,82 @@
-//! herald coordinator: the subscription registry, the REST admin API, and the sticky,
-//! balanced planner that assigns subscriptions to workers.
+//! herald coordinator: the subscription registry, the REST admin API, and the assignment of
+//! subscriptions to workers.
 //!
-//! Not built yet. Until it is, whoever registers a subscription writes its spec and its
-//! assignment to etcd directly (see `herald_proto::keys` for the layout and
-//! `herald_proto::Assignment` for the record); the worker already follows assignments and
-//! fences its cursor writes on them, so the coordinator will slot in without worker changes.
+//! Layout:
+//!
+//! - [`config`]: the one configuration struct (file + `HERALD_*` env), tokens.
+//! - [`registry`]: the etcd adapter; every precondition is a transaction.
+//! - [`validate`]: pure validation of requests into `SubscriptionSpec`s, naming the field.
+//! - [`api`]: axum router, handlers, auth, error shape, OpenAPI document.
+//! - [`heads`]: chain heads (for lag and start-block bounds).
+//! - [`assign`]: hands unassigned subscriptions to live workers (interim, before the planner).
+//! - [`metrics`]: Prometheus metrics.
+//!
+//! etcd is the only state: any number of coordinators can serve the API, and a restart loses
+//! nothing.
+
+pub mod api;
+pub mod assign;
+pub mod config;
+pub mod heads;
+pub mod metrics;
+pub mod registry;
+pub mod validate;
+
+use std::time::Instant;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::heads::Heads;
+use crate::registry::Registry;
+
+/// Runs a coordinator until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let tokens = config.tokens()?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen: cannot bind {}", config.listen))?;
+    let etcd = &config.etcd;
+    let mut backoff_ms = 100u64;
+    let registry = loop {
+        match Registry::connect(
+            &etcd.endpoints,
+            config.keyspace(),
+            etcd.connect_timeout,
+            etcd.request_timeout,
+        )
+        .await
+        {
+            Ok(r) => break r,
+            Err(e) => {
+                tracing::warn!(what = "connect to etcd", error = %e, "failed, retrying with backoff");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(backoff_ms)) => {}
+                }
+                backoff_ms = (backoff_ms * 2).min(5000);
+            }
+        }
+    };
+    tracing::info!(endpoints = ?etcd.endpoints, "connected to etcd");
+
+    let heads = Heads::new(&config.chains);
+    for chain in &config.chains {
+        tokio::spawn(heads.clone().poll(chain.clone(), shutdown.child_token()));
+    }
+    tokio::spawn(assign::run(registry.clone(), config.assign_interval, shutdown.child_token()));
+
+    let state = api::AppState {
+        registry,
+        heads,
+        api: config.api.clone(),
+        metrics: metrics::Metrics::new(),
+        started: Instant::now(),
+    };
+    let app = api::router(state, tokens);
+    tracing::info!(addr = %config.listen, "serving the admin API");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}

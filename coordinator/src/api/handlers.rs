@@ -1,0 +1,546 @@
+//! One function per route. Handlers parse and validate, call the registry, and render views;
+//! every failure is an [`ApiError`].
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use herald_proto::{Cursor, Rewind, SubscriptionId, SubscriptionRecord, SubscriptionState, WorkerId};
+use serde::Serialize;
+use utoipa::{OpenApi, ToSchema};
+
+use crate::api::error::{ApiError, ErrorBody};
+use crate::api::{ApiDoc, AppState};
+use crate::registry::{RegistryError, StoredRecord};
+use crate::validate::{self, CreateSubscription, RewindRequest};
+
+/// A subscription with its live status.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SubscriptionView {
+    /// Its id.
+    pub id: String,
+    /// The registered spec (the event always as a JSON ABI fragment).
+    #[schema(value_type = Object)]
+    pub spec: serde_json::Value,
+    /// `active` or `paused`.
+    #[schema(example = "active")]
+    pub state: String,
+    /// Subject it publishes to.
+    pub subject: String,
+    /// Worker that owns it, if assigned.
+    pub assigned_worker: Option<String>,
+    /// Last block whose logs are all published.
+    pub cursor_block: Option<u64>,
+    /// Latest head of its chain seen by the coordinator.
+    pub chain_head: Option<u64>,
+    /// `chain_head - cursor_block`.
+    pub lag_blocks: Option<u64>,
+    /// Rewind epoch of the latest rewind request (0 = never rewound).
+    pub rewind_epoch: u64,
+    /// Registration time, Unix seconds.
+    pub created_at: u64,
+}
+
+/// A page of subscriptions.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SubscriptionPage {
+    /// This page, ordered by id.
+    pub items: Vec<SubscriptionView>,
+    /// Pass as `after` to get the next page; absent on the last page.
+    pub next_after: Option<String>,
+}
+
+/// A live worker.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkerView {
+    /// Its id.
+    pub worker_id: String,
+    /// Chains it serves.
+    pub chains: Vec<u64>,
+    /// Announced capacity (0 = unbounded).
+    pub capacity: u32,
+    /// herald version.
+    pub version: String,
+    /// Registration time, Unix seconds.
+    pub started_at: u64,
+    /// Subscriptions assigned to it.
+    pub assigned: usize,
+    /// Seconds since its lease was last renewed.
+    pub last_heartbeat_seconds_ago: Option<i64>,
+}
+
+/// A configured chain.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChainView {
+    /// EIP-155 chain id.
+    pub chain_id: u64,
+    /// Latest head read, if any.
+    pub head: Option<u64>,
+    /// Age of that reading in seconds.
+    pub head_age_seconds: Option<u64>,
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+fn registry_error(e: RegistryError) -> ApiError {
+    match e {
+        RegistryError::IdExists(id) => {
+            ApiError::new(StatusCode::CONFLICT, "already_exists", format!("subscription {id} already exists"))
+        }
+        RegistryError::Duplicate(other) => ApiError::new(
+            StatusCode::CONFLICT,
+            "duplicate_subscription",
+            format!("subscription {other} already subscribes to the same chain, contract, event and filters"),
+        ),
+        RegistryError::NotFound(id) => ApiError::not_found(format!("subscription {id}")),
+        e => ApiError::unavailable(e),
+    }
+}
+
+fn view(
+    stored: &StoredRecord,
+    worker: Option<WorkerId>,
+    cursor: Option<Cursor>,
+    head: Option<u64>,
+) -> SubscriptionView {
+    let record = &stored.record;
+    let cursor_block = cursor.map(|c| c.block_number);
+    SubscriptionView {
+        id: record.spec.id.to_string(),
+        spec: serde_json::to_value(&record.spec).unwrap_or_default(),
+        state: match record.state {
+            SubscriptionState::Active => "active".into(),
+            SubscriptionState::Paused => "paused".into(),
+        },
+        subject: record.spec.subject(),
+        assigned_worker: worker.map(|w| w.to_string()),
+        cursor_block,
+        chain_head: head,
+        lag_blocks: head.zip(cursor_block).map(|(h, c)| h.saturating_sub(c)),
+        rewind_epoch: record.rewind.map_or(0, |r| r.epoch),
+        created_at: record.created_at,
+    }
+}
+
+async fn view_of(state: &AppState, stored: &StoredRecord) -> Result<SubscriptionView, ApiError> {
+    let (worker, cursor) = state.registry.status_of(&stored.record.spec.id).await.map_err(registry_error)?;
+    Ok(view(stored, worker, cursor, state.heads.get(stored.record.spec.chain_id)))
+}
+
+fn parse_id(id: &str) -> Result<SubscriptionId, ApiError> {
+    SubscriptionId::new(id).map_err(|_| ApiError::not_found(format!("subscription {id:?}")))
+}
+
+/// Reads a JSON body: checks the content type and the size limit.
+async fn json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if essence != "application/json" {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body must be application/json",
+        ));
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body exceeds {limit} bytes"),
+        )
+    })
+}
+
+/// Registers a subscription.
+#[utoipa::path(
+    post, path = "/v1/subscriptions", tag = "subscriptions",
+    request_body = CreateSubscription,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Registered", body = SubscriptionView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Token may not write", body = ErrorBody),
+        (status = 409, description = "Id or same subscription exists", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "Invalid field", body = ErrorBody),
+        (status = 503, description = "Registry unavailable", body = ErrorBody),
+    )
+)]
+pub async fn create_subscription(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = json_body(&headers, body, state.api.max_body_bytes).await?;
+    let ctx = validate::Context {
+        chains: state.heads.snapshot().into_iter().map(|(c, h)| (c, h.map(|h| h.number))).collect(),
+        max_start_block_ahead: state.api.max_start_block_ahead,
+    };
+    let spec = validate::create(&body, &ctx)?;
+    let fingerprint = spec
+        .fingerprint(&spec.compile().map_err(|e| ApiError::invalid("invalid_event", e.field, e.message))?);
+    let record = SubscriptionRecord::new(spec, now());
+    state.registry.create(&record, &fingerprint).await.map_err(registry_error)?;
+    tracing::info!(subscription_id = %record.spec.id, chain_id = record.spec.chain_id, "subscription registered");
+    let stored = StoredRecord { record, mod_revision: 0 };
+    let view = view(&stored, None, None, state.heads.get(stored.record.spec.chain_id));
+    let location = format!("/v1/subscriptions/{}", view.id);
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(view)).into_response())
+}
+
+/// Query of `GET /v1/subscriptions`.
+#[derive(Debug, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only this chain.
+    pub chain_id: Option<u64>,
+    /// Only this state: `active` or `paused`.
+    #[param(pattern = "^(active|paused)$")]
+    pub state: Option<String>,
+    /// Page size (1..=max page size).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<usize>,
+    /// Return ids after this one (from `next_after`).
+    pub after: Option<String>,
+}
+
+fn parse_list_query(raw: Option<&str>, max_limit: usize) -> Result<ListQuery, ApiError> {
+    let bad = |field: &str, message: &str| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code: "invalid_query",
+        message: message.to_owned(),
+        field: Some(field.to_owned()),
+    };
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|_| bad("", "malformed query string"))?;
+    let mut q = ListQuery::default();
+    for (key, value) in pairs {
+        match key.as_str() {
+            "chain_id" => {
+                q.chain_id = Some(value.parse().map_err(|_| bad("chain_id", "must be a chain id"))?)
+            }
+            "state" if value == "active" || value == "paused" => q.state = Some(value),
+            "state" => return Err(bad("state", "must be active or paused")),
+            "limit" => {
+                let limit: usize = value.parse().map_err(|_| bad("limit", "must be a number"))?;
+                if limit == 0 || limit > max_limit {
+                    return Err(bad("limit", &format!("must be between 1 and {max_limit}")));
+                }
+                q.limit = Some(limit);
+            }
+            "after" => q.after = Some(value),
+            other => return Err(bad(other, "unknown query parameter")),
+        }
+    }
+    Ok(q)
+}
+
+/// Lists subscriptions, by id, a page at a time.
+#[utoipa::path(
+    get, path = "/v1/subscriptions", tag = "subscriptions",
+    params(ListQuery),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "A page", body = SubscriptionPage),
+        (status = 400, description = "Invalid query parameter", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token (when reads are protected)", body = ErrorBody),
+        (status = 503, description = "Registry unavailable", body = ErrorBody),
+    )
+)]
+pub async fn list_subscriptions(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<SubscriptionPage>, ApiError> {
+    let q = parse_list_query(raw.as_deref(), state.api.max_page_size)?;
+    let limit = q.limit.unwrap_or(state.api.default_page_size);
+    let records = state.registry.list().await.map_err(registry_error)?;
+    let assignments = state.registry.assignments().await.map_err(registry_error)?;
+    let cursors = state.registry.cursors().await.map_err(registry_error)?;
+    let mut counts: BTreeMap<&str, i64> = [("active", 0), ("paused", 0)].into();
+    for stored in records.values() {
+        let s = if stored.record.state == SubscriptionState::Paused { "paused" } else { "active" };
+        *counts.entry(s).or_default() += 1;
+    }
+    for (s, n) in counts {
+        state.metrics.subscriptions.with_label_values(&[s]).set(n);
+    }
+    let mut items: Vec<SubscriptionView> = records
+        .iter()
+        .filter(|(id, _)| q.after.as_deref().is_none_or(|after| id.as_str() > after))
+        .map(|(id, stored)| {
+            view(
+                stored,
+                assignments.get(id).cloned(),
+                cursors.get(id).copied(),
+                state.heads.get(stored.record.spec.chain_id),
+            )
+        })
+        .filter(|v| q.chain_id.is_none_or(|c| v.spec["chain_id"] == c))
+        .filter(|v| q.state.as_deref().is_none_or(|s| v.state == s))
+        .take(limit + 1)
+        .collect();
+    let next_after = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|v| v.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(SubscriptionPage { items, next_after }))
+}
+
+/// One subscription with its live status.
+#[utoipa::path(
+    get, path = "/v1/subscriptions/{id}", tag = "subscriptions",
+    params(("id" = String, Path, description = "Subscription id")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Found", body = SubscriptionView),
+        (status = 401, description = "Missing or invalid token (when reads are protected)", body = ErrorBody),
+        (status = 404, description = "No such subscription", body = ErrorBody),
+        (status = 503, description = "Registry unavailable", body = ErrorBody),
+    )
+)]
+pub async fn get_subscription(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<SubscriptionView>, ApiError> {
+    let id = parse_id(&id)?;
+    let stored = state
+        .registry
+        .get(&id)
+        .await
+        .map_err(registry_error)?
+        .ok_or_else(|| registry_error(RegistryError::NotFound(id)))?;
+    Ok(Json(view_of(&state, &stored).await?))
+}
+
+/// Deletes a subscription: it stops, and its assignment and cursor are removed.
+#[utoipa::path(
+    delete, path = "/v1/subscriptions/{id}", tag = "subscriptions",
+    params(("id" = String, Path, description = "Subscription id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Token may not write", body = ErrorBody),
+        (status = 404, description = "No such subscription", body = ErrorBody),
+        (status = 503, description = "Registry unavailable", body = ErrorBody),
+    )
+)]
+pub async fn delete_subscription(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id)?;
+    let stored = state
+        .registry
+        .get(&id)
+        .await
+        .map_err(registry_error)?
+        .ok_or_else(|| registry_error(RegistryError::NotFound(id.clone())))?;
+    let compiled = stored
+        .record
+        .spec
+        .compile()
+        .map_err(|e| ApiError::unavailable(format!("stored spec does not compile: {e}")))?;
+    state.registry.delete(&id, &stored.record.spec.fingerprint(&compiled)).await.map_err(registry_error)?;
+    tracing::info!(subscription_id = %id, "subscription deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn set_state(
+    state: &AppState,
+    id: &str,
+    to: SubscriptionState,
+) -> Result<Json<SubscriptionView>, ApiError> {
+    let id = parse_id(id)?;
+    let stored = state.registry.update(&id, |r| r.state = to).await.map_err(registry_error)?;
+    tracing::info!(subscription_id = %id, state = ?to, "subscription state changed");
+    Ok(Json(view_of(state, &stored).await?))
+}
+
+/// Pauses a subscription: its worker stops publishing until it is resumed.
+#[utoipa::path(
+    post, path = "/v1/subscriptions/{id}/pause", tag = "subscriptions",
+    params(("id" = String, Path, description = "Subscription id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Paused", body = SubscriptionView),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Token may not write", body = ErrorBody),
+        (status = 404, description = "No such subscription", body = ErrorBody),
+        (status = 503, description = "Registry unavailable", body = ErrorBody),
+    )
+)]
+pub async fn pause_subscription(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<SubscriptionView>, ApiError> {
+    set_state(&state, &id, SubscriptionState::Paused).await
+}
+
+/// Resumes a paused subscription from its cursor: no gap, no repeat.
+#[utoipa::path(
+    post, path = "/v1/subscriptions/{id}/resume", tag = "subscriptions",
+    params(("id" = String, Path, description = "Subscription id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Active", body = SubscriptionView),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Token may not write", body = ErrorBody),
+        (status = 404, description = "No such subscription", body = ErrorBody),
+        (status = 503, description = "Registry unavailable", body = ErrorBody),
+    )
+)]
+pub async fn resume_subscription(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<SubscriptionView>, ApiError> {
+    set_state(&state, &id, SubscriptionState::Active).await
+}
+
+/// Replays a subscription from a block: the owning worker moves its own cursor, and replayed
+/// messages carry a new `rewind_epoch` so JetStream does not drop them as duplicates.
+#[utoipa::path(
+    post, path = "/v1/subscriptions/{id}/rewind", tag = "subscriptions",
+    params(("id" = String, Path, description = "Subscription id")),
+    request_body = RewindRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Rewind requested", body = SubscriptionView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Token may not write", body = ErrorBody),
+        (status = 404, description = "No such subscription", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "Invalid field", body = ErrorBody),
+        (status = 503, description = "Registry unavailable", body = ErrorBody),
+    )
+)]
+pub async fn rewind_subscription(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<SubscriptionView>, ApiError> {
+    let id = parse_id(&id)?;
+    let body = json_body(&headers, body, state.api.max_body_bytes).await?;
+    let request = validate::rewind(&body)?;
+    if let Some(head) = state
+        .registry
+        .get(&id)
+        .await
+        .map_err(registry_error)?
+        .and_then(|s| state.heads.get(s.record.spec.chain_id))
+        && request.from_block > head
+    {
+        return Err(ApiError::invalid(
+            "invalid_from_block",
+            "from_block",
+            format!("block {} is beyond the head ({head})", request.from_block),
+        ));
+    }
+    let stored = state
+        .registry
+        .update(&id, |r| {
+            r.rewind = Some(Rewind { epoch: r.next_rewind_epoch(), from_block: request.from_block })
+        })
+        .await
+        .map_err(registry_error)?;
+    tracing::info!(subscription_id = %id, from_block = request.from_block, "rewind requested");
+    Ok(Json(view_of(&state, &stored).await?))
+}
+
+/// Live workers.
+#[utoipa::path(
+    get, path = "/v1/workers", tag = "cluster",
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Live workers", body = Vec<WorkerView>),
+        (status = 401, description = "Missing or invalid token (when reads are protected)", body = ErrorBody),
+        (status = 503, description = "Registry unavailable", body = ErrorBody),
+    )
+)]
+pub async fn list_workers(State(state): State<AppState>) -> Result<Json<Vec<WorkerView>>, ApiError> {
+    let workers = state.registry.workers().await.map_err(registry_error)?;
+    let assignments = state.registry.assignments().await.map_err(registry_error)?;
+    let mut out = Vec::with_capacity(workers.len());
+    for w in workers {
+        let last = state.registry.seconds_since_renewal(w.lease).await.map_err(registry_error)?;
+        out.push(WorkerView {
+            assigned: assignments.values().filter(|a| **a == w.info.worker_id).count(),
+            worker_id: w.info.worker_id.to_string(),
+            chains: w.info.chains,
+            capacity: w.info.capacity,
+            version: w.info.version,
+            started_at: w.info.started_at,
+            last_heartbeat_seconds_ago: last,
+        });
+    }
+    Ok(Json(out))
+}
+
+/// Configured chains and their heads.
+#[utoipa::path(
+    get, path = "/v1/chains", tag = "cluster",
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Chains", body = Vec<ChainView>),
+        (status = 401, description = "Missing or invalid token (when reads are protected)", body = ErrorBody),
+    )
+)]
+pub async fn list_chains(State(state): State<AppState>) -> Json<Vec<ChainView>> {
+    Json(
+        state
+            .heads
+            .snapshot()
+            .into_iter()
+            .map(|(chain_id, head)| ChainView {
+                chain_id,
+                head: head.map(|h| h.number),
+                head_age_seconds: head.map(|h| h.at.elapsed().as_secs()),
+            })
+            .collect(),
+    )
+}
+
+/// The OpenAPI document.
+pub async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], ApiDoc::openapi().to_json().unwrap_or_default())
+        .into_response()
+}
+
+/// Liveness.
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Readiness: etcd answers.
+pub async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    state.registry.ping().await.map_err(ApiError::unavailable)?;
+    Ok("ready")
+}
+
+/// Prometheus metrics.
+pub async fn metrics(State(state): State<AppState>) -> String {
+    state.metrics.render()
+}
+
+/// Unknown route.
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+/// Known route, wrong method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+}

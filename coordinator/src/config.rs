@@ -1,0 +1,298 @@
+//! Coordinator configuration: one serde struct, defaults -> TOML file -> `HERALD_*` environment
+//! (nesting with `__`, e.g. `HERALD_AUTH__ADMIN_TOKEN`). Unknown keys are rejected and every
+//! error names its key. Tokens are never logged: `Debug` of [`Secret`] prints `***`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use herald_proto::{ChainId, Keyspace, keys::DEFAULT_PREFIX};
+use serde::{Deserialize, Serialize};
+
+/// Everything a coordinator process needs to know.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the REST API (and `/metrics`, `/healthz`, `/readyz`) is served.
+    pub listen: SocketAddr,
+    /// Log output format: `text` or `json`.
+    pub log_format: LogFormat,
+    /// etcd connection and key layout.
+    pub etcd: EtcdConfig,
+    /// API authentication.
+    pub auth: AuthConfig,
+    /// API limits.
+    pub api: ApiConfig,
+    /// How often unassigned subscriptions are handed to live workers.
+    #[serde(with = "humantime_serde")]
+    pub assign_interval: Duration,
+    /// Chains subscriptions may be registered on.
+    pub chains: Vec<ChainConfig>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// etcd settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client endpoints.
+    pub endpoints: Vec<String>,
+    /// Prefix of every herald key.
+    pub prefix: String,
+    /// Timeout of one connection attempt.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Timeout of one request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+/// A secret string: never printed.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "<unset>" } else { "***" })
+    }
+}
+
+/// API authentication: bearer tokens.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Token required by every mutating endpoint (and accepted for reads).
+    #[serde(default)]
+    pub admin_token: Option<Secret>,
+    /// File holding the admin token (e.g. a mounted Kubernetes secret); trailing whitespace is
+    /// ignored.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Token that may only read; it gets 403 on mutating endpoints.
+    #[serde(default)]
+    pub read_token: Option<Secret>,
+    /// File holding the read token.
+    #[serde(default)]
+    pub read_token_file: Option<PathBuf>,
+    /// Whether reads need a token too (admin or read).
+    #[serde(default)]
+    pub protect_reads: bool,
+}
+
+/// API limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// How far beyond the chain head a start block may be.
+    pub max_start_block_ahead: u64,
+    /// Page size when a list request does not give one.
+    pub default_page_size: usize,
+    /// Largest page size a list request may ask for.
+    pub max_page_size: usize,
+}
+
+/// A chain subscriptions may be registered on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainConfig {
+    /// EIP-155 chain id.
+    pub chain_id: ChainId,
+    /// JSON-RPC endpoints, used to report the head and bound start blocks; optional.
+    #[serde(default)]
+    pub rpc_urls: Vec<String>,
+    /// How often the head is read.
+    #[serde(default = "default_head_poll", with = "humantime_serde")]
+    pub head_poll_interval: Duration,
+}
+
+fn default_head_poll() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".parse().expect("valid address"),
+            log_format: LogFormat::Text,
+            etcd: EtcdConfig {
+                endpoints: vec!["http://127.0.0.1:2379".into()],
+                prefix: DEFAULT_PREFIX.into(),
+                connect_timeout: Duration::from_secs(5),
+                request_timeout: Duration::from_secs(5),
+            },
+            auth: AuthConfig::default(),
+            api: ApiConfig {
+                max_body_bytes: 64 * 1024,
+                max_start_block_ahead: 1_000_000,
+                default_page_size: 100,
+                max_page_size: 1000,
+            },
+            assign_interval: Duration::from_secs(1),
+            chains: Vec::new(),
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The sources could not be read or deserialised (the message names the key).
+    #[error("invalid configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    /// A value deserialised but is not acceptable.
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid {
+        /// The offending key.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), message: message.into() }
+}
+
+/// The tokens the API checks, resolved from values or files.
+#[derive(Clone)]
+pub struct Tokens {
+    /// Admin token.
+    pub admin: Secret,
+    /// Read-only token, if configured.
+    pub read: Option<Secret>,
+    /// Whether reads need a token.
+    pub protect_reads: bool,
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if given), then `HERALD_*` variables, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(invalid("--config", format!("file {} does not exist", file.display())));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(Env::prefixed("HERALD_").ignore(&["log", "config"]).split("__"));
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The etcd keyspace.
+    pub fn keyspace(&self) -> Keyspace {
+        Keyspace::new(self.etcd.prefix.clone()).expect("validated at load")
+    }
+
+    /// Resolves the tokens (reading token files).
+    pub fn tokens(&self) -> Result<Tokens, ConfigError> {
+        let resolve = |value: &Option<Secret>,
+                       file: &Option<PathBuf>,
+                       key: &str|
+         -> Result<Option<Secret>, ConfigError> {
+            match (value, file) {
+                (Some(_), Some(_)) => Err(invalid(key, format!("set {key} or {key}_file, not both"))),
+                (Some(v), None) => Ok(Some(v.clone())),
+                (None, Some(path)) => {
+                    std::fs::read_to_string(path).map(|s| Some(Secret(s.trim_end().to_owned()))).map_err(
+                        |e| invalid(format!("{key}_file"), format!("cannot read {}: {e}", path.display())),
+                    )
+                }
+                (None, None) => Ok(None),
+            }
+        };
+        let admin = resolve(&self.auth.admin_token, &self.auth.admin_token_file, "auth.admin_token")?
+            .ok_or_else(|| invalid("auth.admin_token", "set auth.admin_token or auth.admin_token_file"))?;
+        if admin.0.len() < 16 {
+            return Err(invalid("auth.admin_token", "must be at least 16 characters"));
+        }
+        let read = resolve(&self.auth.read_token, &self.auth.read_token_file, "auth.read_token")?;
+        if read.as_ref().is_some_and(|r| r.0.is_empty() || *r == admin) {
+            return Err(invalid("auth.read_token", "must be non-empty and differ from the admin token"));
+        }
+        Ok(Tokens { admin, read, protect_reads: self.auth.protect_reads })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        Keyspace::new(self.etcd.prefix.clone()).map_err(|e| invalid("etcd.prefix", e.to_string()))?;
+        if self.etcd.endpoints.is_empty() {
+            return Err(invalid("etcd.endpoints", "needs at least one endpoint"));
+        }
+        if self.api.max_body_bytes < 1024 {
+            return Err(invalid("api.max_body_bytes", "must be at least 1024"));
+        }
+        if self.api.default_page_size == 0 || self.api.default_page_size > self.api.max_page_size {
+            return Err(invalid("api.default_page_size", "must be between 1 and api.max_page_size"));
+        }
+        if self.assign_interval.is_zero() {
+            return Err(invalid("assign_interval", "must be greater than zero"));
+        }
+        if self.chains.is_empty() {
+            return Err(invalid("chains", "needs at least one chain"));
+        }
+        for (i, chain) in self.chains.iter().enumerate() {
+            if self.chains[..i].iter().any(|c| c.chain_id == chain.chain_id) {
+                return Err(invalid(format!("chains[{i}].chain_id"), "duplicate chain id"));
+            }
+            for (j, url) in chain.rpc_urls.iter().enumerate() {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(invalid(
+                        format!("chains[{i}].rpc_urls[{j}]"),
+                        "must be an http:// or https:// URL",
+                    ));
+                }
+            }
+        }
+        self.tokens().map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str) -> Result<Config, ConfigError> {
+        let dir =
+            std::env::temp_dir().join(format!("herald-coord-cfg-{}-{}", std::process::id(), toml.len()));
+        std::fs::write(&dir, toml).unwrap();
+        let r = Config::load(Some(&dir));
+        let _ = std::fs::remove_file(&dir);
+        r
+    }
+
+    const OK: &str = "[auth]\nadmin_token = \"0123456789abcdef\"\n[[chains]]\nchain_id = 1\n";
+
+    #[test]
+    fn minimal_config_loads() {
+        let c = load(OK).unwrap();
+        assert_eq!(c.api.max_page_size, 1000);
+        assert_eq!(format!("{:?}", c.auth.admin_token), "Some(***)");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = load("[[chains]]\nchain_id = 1\n").unwrap_err().to_string();
+        assert!(err.contains("auth.admin_token"), "{err}");
+        let err = load(&OK.replace("0123456789abcdef", "short")).unwrap_err().to_string();
+        assert!(err.contains("auth.admin_token"), "{err}");
+        let err = load(&format!("{OK}\n[api]\nmax_body = 1\n")).unwrap_err().to_string();
+        assert!(err.contains("max_body"), "{err}");
+    }
+}

@@ -1,0 +1,284 @@
+//! The registry: herald's cluster state in etcd, as the coordinator reads and writes it.
+//!
+//! Every write that has a precondition is a transaction: a create checks that neither the id
+//! nor the fingerprint (same chain + contract + event + filters) exists; a record update is a
+//! compare-and-swap on the record's mod revision; a delete removes record, assignment, cursor
+//! and fingerprint at once (so a worker's in-flight cursor write fails its fence); an
+//! assignment is only written where none exists, bound to the worker's lease.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use herald_proto::{
+    Assignment, Cursor, Key, Keyspace, SubscriptionId, SubscriptionRecord, WorkerId, WorkerInfo,
+};
+
+/// A failed registry operation.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// A subscription with this id exists.
+    #[error("subscription {0} already exists")]
+    IdExists(SubscriptionId),
+    /// Another subscription already matches the same logs.
+    #[error("subscription {0} already subscribes to the same chain, contract, event and filters")]
+    Duplicate(String),
+    /// No such subscription.
+    #[error("subscription {0} not found")]
+    NotFound(SubscriptionId),
+    /// etcd failed or is unreachable.
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    /// A stored value does not parse.
+    #[error("bad value at {key}: {message}")]
+    BadValue {
+        /// The key.
+        key: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// A record with its mod revision.
+#[derive(Debug, Clone)]
+pub struct StoredRecord {
+    /// The record.
+    pub record: SubscriptionRecord,
+    /// Mod revision of its key.
+    pub mod_revision: i64,
+}
+
+/// A live worker and its lease.
+#[derive(Debug, Clone)]
+pub struct LiveWorker {
+    /// Its registration.
+    pub info: WorkerInfo,
+    /// The lease its key (and its assignments) are bound to.
+    pub lease: i64,
+}
+
+/// The etcd adapter.
+#[derive(Clone)]
+pub struct Registry {
+    client: Client,
+    keys: Keyspace,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, RegistryError> {
+    serde_json::from_slice(value)
+        .map_err(|e| RegistryError::BadValue { key: key.to_owned(), message: e.to_string() })
+}
+
+impl Registry {
+    /// Connects (one attempt; the caller retries).
+    pub async fn connect(
+        endpoints: &[String],
+        keys: Keyspace,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<Self, RegistryError> {
+        let options =
+            ConnectOptions::new().with_connect_timeout(connect_timeout).with_timeout(request_timeout);
+        let mut client = Client::connect(endpoints, Some(options)).await?;
+        client.status().await?;
+        Ok(Self { client, keys })
+    }
+
+    /// Whether etcd answers.
+    pub async fn ping(&self) -> Result<(), RegistryError> {
+        self.client.clone().status().await?;
+        Ok(())
+    }
+
+    /// The keyspace.
+    pub fn keys(&self) -> &Keyspace {
+        &self.keys
+    }
+
+    /// Stores a new subscription and its fingerprint, unless either exists.
+    pub async fn create(&self, record: &SubscriptionRecord, fingerprint: &str) -> Result<(), RegistryError> {
+        let id = &record.spec.id;
+        let key = self.keys.subscription(id);
+        let fp_key = self.keys.fingerprint(fingerprint);
+        let value = serde_json::to_vec(record).expect("records serialise");
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                Compare::create_revision(fp_key.as_str(), CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::put(key.as_str(), value, None),
+                TxnOp::put(fp_key.as_str(), id.as_str(), None),
+            ]);
+        let mut client = self.client.clone();
+        if client.txn(txn).await?.succeeded() {
+            return Ok(());
+        }
+        if client.get(key.as_str(), None).await?.count() > 0 {
+            return Err(RegistryError::IdExists(id.clone()));
+        }
+        let existing = client.get(fp_key.as_str(), None).await?;
+        let other = existing.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
+        Err(RegistryError::Duplicate(other.unwrap_or_default()))
+    }
+
+    /// One subscription.
+    pub async fn get(&self, id: &SubscriptionId) -> Result<Option<StoredRecord>, RegistryError> {
+        let key = self.keys.subscription(id);
+        let resp = self.client.clone().get(key.as_str(), None).await?;
+        resp.kvs()
+            .first()
+            .map(|kv| Ok(StoredRecord { record: parse(&key, kv.value())?, mod_revision: kv.mod_revision() }))
+            .transpose()
+    }
+
+    /// Every subscription, by id.
+    pub async fn list(&self) -> Result<BTreeMap<SubscriptionId, StoredRecord>, RegistryError> {
+        let resp = self
+            .client
+            .clone()
+            .get(self.keys.subscriptions_dir(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let mut out = BTreeMap::new();
+        for kv in resp.kvs() {
+            let key = kv.key_str()?;
+            let Ok(Key::Subscription(id)) = self.keys.parse(key) else { continue };
+            match parse::<SubscriptionRecord>(key, kv.value()) {
+                Ok(record) => {
+                    out.insert(id, StoredRecord { record, mod_revision: kv.mod_revision() });
+                }
+                Err(e) => tracing::warn!(error = %e, "skipping unreadable subscription record"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies `change` to a record with compare-and-swap, retrying on concurrent updates.
+    pub async fn update(
+        &self,
+        id: &SubscriptionId,
+        change: impl Fn(&mut SubscriptionRecord),
+    ) -> Result<StoredRecord, RegistryError> {
+        let key = self.keys.subscription(id);
+        let mut client = self.client.clone();
+        loop {
+            let Some(current) = self.get(id).await? else { return Err(RegistryError::NotFound(id.clone())) };
+            let mut record = current.record.clone();
+            change(&mut record);
+            if record == current.record {
+                return Ok(current);
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, current.mod_revision)])
+                .and_then([TxnOp::put(key.as_str(), serde_json::to_vec(&record).expect("serialises"), None)]);
+            let resp = client.txn(txn).await?;
+            if resp.succeeded() {
+                let revision = resp.header().map_or(current.mod_revision, |h| h.revision());
+                return Ok(StoredRecord { record, mod_revision: revision });
+            }
+        }
+    }
+
+    /// Deletes a subscription with its assignment, cursor and fingerprint, atomically.
+    pub async fn delete(&self, id: &SubscriptionId, fingerprint: &str) -> Result<(), RegistryError> {
+        let key = self.keys.subscription(id);
+        let txn =
+            Txn::new().when([Compare::create_revision(key.as_str(), CompareOp::Greater, 0)]).and_then([
+                TxnOp::delete(key.as_str(), None),
+                TxnOp::delete(self.keys.assignment(id), None),
+                TxnOp::delete(self.keys.cursor(id), None),
+                TxnOp::delete(self.keys.fingerprint(fingerprint), None),
+            ]);
+        if self.client.clone().txn(txn).await?.succeeded() {
+            Ok(())
+        } else {
+            Err(RegistryError::NotFound(id.clone()))
+        }
+    }
+
+    /// Every assignment: subscription -> worker.
+    pub async fn assignments(&self) -> Result<BTreeMap<SubscriptionId, WorkerId>, RegistryError> {
+        let resp = self
+            .client
+            .clone()
+            .get(self.keys.assignments_dir(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let mut out = BTreeMap::new();
+        for kv in resp.kvs() {
+            let key = kv.key_str()?;
+            let Ok(Key::Assignment(id)) = self.keys.parse(key) else { continue };
+            if let Ok(a) = parse::<Assignment>(key, kv.value()) {
+                out.insert(id, a.worker_id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every cursor.
+    pub async fn cursors(&self) -> Result<BTreeMap<SubscriptionId, Cursor>, RegistryError> {
+        let resp =
+            self.client.clone().get(self.keys.cursors_dir(), Some(GetOptions::new().with_prefix())).await?;
+        let mut out = BTreeMap::new();
+        for kv in resp.kvs() {
+            let key = kv.key_str()?;
+            let Ok(Key::Cursor(id)) = self.keys.parse(key) else { continue };
+            if let Ok(c) = parse::<Cursor>(key, kv.value()) {
+                out.insert(id, c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One subscription's assignment and cursor.
+    pub async fn status_of(
+        &self,
+        id: &SubscriptionId,
+    ) -> Result<(Option<WorkerId>, Option<Cursor>), RegistryError> {
+        let mut client = self.client.clone();
+        let a_key = self.keys.assignment(id);
+        let c_key = self.keys.cursor(id);
+        let a = client.get(a_key.as_str(), None).await?;
+        let c = client.get(c_key.as_str(), None).await?;
+        let worker =
+            a.kvs().first().and_then(|kv| parse::<Assignment>(&a_key, kv.value()).ok()).map(|a| a.worker_id);
+        let cursor = c.kvs().first().and_then(|kv| parse::<Cursor>(&c_key, kv.value()).ok());
+        Ok((worker, cursor))
+    }
+
+    /// Every live worker (registered under a lease).
+    pub async fn workers(&self) -> Result<Vec<LiveWorker>, RegistryError> {
+        let resp =
+            self.client.clone().get(self.keys.workers_dir(), Some(GetOptions::new().with_prefix())).await?;
+        let mut out = Vec::new();
+        for kv in resp.kvs() {
+            let key = kv.key_str()?;
+            let Ok(Key::Worker(_)) = self.keys.parse(key) else { continue };
+            match parse::<WorkerInfo>(key, kv.value()) {
+                Ok(info) => out.push(LiveWorker { info, lease: kv.lease() }),
+                Err(e) => tracing::warn!(error = %e, "skipping unreadable worker registration"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Seconds since a lease was last renewed, from its remaining TTL.
+    pub async fn seconds_since_renewal(&self, lease: i64) -> Result<Option<i64>, RegistryError> {
+        let resp = self.client.clone().lease_time_to_live(lease, None).await?;
+        Ok((resp.ttl() > 0).then(|| resp.granted_ttl() - resp.ttl()))
+    }
+
+    /// Assigns a subscription to a worker, bound to the worker's lease, if it is unassigned
+    /// and still exists. Returns whether it was written.
+    pub async fn assign(&self, id: &SubscriptionId, worker: &LiveWorker) -> Result<bool, RegistryError> {
+        let key = self.keys.assignment(id);
+        let value =
+            serde_json::to_vec(&Assignment { worker_id: worker.info.worker_id.clone() }).expect("serialises");
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                Compare::create_revision(self.keys.subscription(id), CompareOp::Greater, 0),
+            ])
+            .and_then([TxnOp::put(key.as_str(), value, Some(PutOptions::new().with_lease(worker.lease)))]);
+        Ok(self.client.clone().txn(txn).await?.succeeded())
+    }
+}
