@@ -273,10 +273,8 @@ mod tests {
     #[test]
     fn every_rule_names_its_field() {
         use serde_json::json;
-        let cases: Vec<(
-            Box<dyn FnOnce(&mut serde_json::Map<String, serde_json::Value>)>,
-            (u16, &str, &str),
-        )> = vec![
+        type Change = Box<dyn FnOnce(&mut serde_json::Map<String, serde_json::Value>)>;
+        let cases: Vec<(Change, (u16, &str, &str))> = vec![
             (
                 Box::new(|m| {
                     m.insert("id".into(), json!("Bad Id"));
