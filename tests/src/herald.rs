@@ -303,3 +303,145 @@ impl StreamReader {
         result.map_err(|e| anyhow::anyhow!("{e} (saw {})", last.into_inner()))
     }
 }
+
+/// The admin token test coordinators use.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// The read-only token test coordinators use.
+pub const READ_TOKEN: &str = "test-read-token-0123456789";
+
+/// What a test coordinator is pointed at.
+#[derive(Debug, Clone)]
+pub struct CoordinatorSettings {
+    /// API port.
+    pub port: u16,
+    /// etcd client URL.
+    pub etcd: String,
+    /// Chain JSON-RPC URL (for heads).
+    pub rpc: String,
+    /// Whether reads need a token.
+    pub protect_reads: bool,
+}
+
+impl CoordinatorSettings {
+    /// Settings on a free port.
+    pub fn new(etcd: String, rpc: String) -> Self {
+        Self { port: free_port(), etcd, rpc, protect_reads: false }
+    }
+
+    /// The TOML configuration file.
+    pub fn to_toml(&self) -> String {
+        format!(
+            r#"listen = "127.0.0.1:{port}"
+assign_interval = "200ms"
+
+[etcd]
+endpoints = ["{etcd}"]
+
+[auth]
+admin_token = "{ADMIN_TOKEN}"
+read_token = "{READ_TOKEN}"
+protect_reads = {protect}
+
+[api]
+max_body_bytes = 16384
+max_start_block_ahead = 1000
+
+[[chains]]
+chain_id = {chain}
+rpc_urls = ["{rpc}"]
+head_poll_interval = "200ms"
+"#,
+            port = self.port,
+            etcd = self.etcd,
+            protect = self.protect_reads,
+            chain = ANVIL_CHAIN_ID,
+            rpc = self.rpc,
+        )
+    }
+}
+
+/// A `herald-coordinator` process and an HTTP client for its API.
+pub struct CoordinatorProcess {
+    process: ChildProcess,
+    settings: CoordinatorSettings,
+    dir: TempDir,
+    http: reqwest::Client,
+}
+
+impl CoordinatorProcess {
+    /// Starts it and waits until `/readyz` answers 200 and the chain head is known.
+    pub async fn start(settings: CoordinatorSettings) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("herald-coordinator-").tempdir()?;
+        let process = Self::spawn(&settings, dir.path())?;
+        let c = Self { process, settings, dir, http: reqwest::Client::new() };
+        c.wait_ready().await?;
+        Ok(c)
+    }
+
+    fn spawn(settings: &CoordinatorSettings, dir: &Path) -> anyhow::Result<ChildProcess> {
+        let config = dir.join("coordinator.toml");
+        std::fs::write(&config, settings.to_toml())?;
+        let args = ["--config".to_owned(), config.to_string_lossy().into_owned()];
+        let envs = [("HERALD_LOG".to_owned(), "info,herald_coordinator=debug".to_owned())];
+        ChildProcess::spawn("herald-coordinator", &workspace_bin("herald-coordinator"), &args, &envs, dir)
+    }
+
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        wait_for("the coordinator to be ready", Duration::from_secs(60), || async {
+            let ready = self.http.get(self.url("/readyz")).send().await.ok()?.status().is_success();
+            let chains: serde_json::Value = self.get("/v1/chains").await.ok()?.1;
+            (ready && chains[0]["head"].is_u64()).then_some(())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", self.process.log_tail(30)))
+    }
+
+    /// SIGTERMs it, waits, and starts it again with the same settings.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.terminate().await;
+        self.process = Self::spawn(&self.settings, self.dir.path())?;
+        self.wait_ready().await
+    }
+
+    /// `http://127.0.0.1:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.settings.port)
+    }
+
+    /// The end of its log.
+    pub fn log_tail(&self) -> String {
+        self.process.log_tail(30)
+    }
+
+    /// A request builder with the admin token.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, self.url(path)).bearer_auth(ADMIN_TOKEN)
+    }
+
+    /// The raw client.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// GET with the admin token: (status, JSON body or null).
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+        Self::send(self.admin(reqwest::Method::GET, path)).await
+    }
+
+    /// POST JSON with the admin token.
+    pub async fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        Self::send(self.admin(reqwest::Method::POST, path).json(body)).await
+    }
+
+    /// Sends and returns (status, JSON body or null).
+    pub async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<(u16, serde_json::Value)> {
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let text = response.text().await?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)))
+    }
+}
