@@ -1,7 +1,8 @@
 //! `make demo`: the main job, locally and for real.
 //!
 //! Starts etcd, NATS (JetStream) and anvil, deploys the test contract with some history,
-//! registers a subscription, starts a herald worker, sends a steady trickle of transfers, and
+//! starts a herald coordinator and worker, registers a subscription through the admin API,
+//! sends a steady trickle of transfers, and
 //! prints each event as a JetStream consumer reads it. Stops on Ctrl-C, or by itself after
 //! `DEMO_SECONDS`; its last line is `demo: <count> events delivered`. Every process it started
 //! is stopped when it exits.
@@ -12,8 +13,8 @@ use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use herald_proto::EventEnvelope;
 use herald_tests::chain::TRANSFER_EVENT;
-use herald_tests::herald::STREAM;
-use herald_tests::{Stack, WorkerProcess, register_subscription, wait_for};
+use herald_tests::herald::{CoordinatorProcess, CoordinatorSettings, STREAM};
+use herald_tests::{Stack, WorkerProcess, wait_for};
 
 const WORKER_ID: &str = "demo-worker";
 
@@ -36,13 +37,21 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("demo: emitted 20 historical transfers (the worker will backfill them)");
 
-    let spec = stack.subscription("demo-transfers", TRANSFER_EVENT);
-    let mut etcd = stack.etcd.client().await?;
-    register_subscription(&mut etcd, &spec, WORKER_ID).await?;
-    println!("demo: registered subscription {} -> subject {}", spec.id, spec.subject());
-
+    let coordinator =
+        CoordinatorProcess::start(CoordinatorSettings::new(stack.etcd.endpoint(), stack.anvil.url())).await?;
+    println!("demo: started herald-coordinator, admin API at {}", coordinator.url("/v1"));
     let worker = WorkerProcess::start(stack.worker_settings(WORKER_ID))?;
     println!("demo: started herald-worker {WORKER_ID}");
+
+    let spec = stack.subscription("demo-transfers", TRANSFER_EVENT);
+    let body = serde_json::json!({
+        "id": spec.id, "chain_id": spec.chain_id, "address": spec.address.to_string(),
+        "event": TRANSFER_EVENT, "start_block": 0,
+    });
+    println!("demo: POST /v1/subscriptions {body}");
+    let (status, answer) = coordinator.post("/v1/subscriptions", &body).await?;
+    anyhow::ensure!(status == 201, "registration failed: {status} {answer}\n{}", coordinator.log_tail());
+    println!("demo: registered {} -> subject {}", answer["id"], answer["subject"]);
 
     let js = jetstream::new(async_nats::connect(stack.nats.url()).await?);
     let stream = wait_for("the worker to create the stream", Duration::from_secs(60), || async {
@@ -98,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     drop(worker);
+    drop(coordinator);
     drop(stack);
     println!("demo: {delivered} events delivered");
     Ok(())
