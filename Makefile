@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 DEMO_SECONDS ?=
 export DEMO_SECONDS
 
-.PHONY: deps build demo test test-unit lint fmt contracts
+.PHONY: deps build demo test test-unit api-fuzz lint fmt contracts
 
 deps:
 	@bash scripts/install-deps.sh
@@ -25,6 +25,10 @@ test: build
 	else \
 		cargo test --workspace --no-fail-fast -- --test-threads 2; \
 	fi
+
+## schemathesis against a live coordinator (all checks); last line: api fuzz: N requests, M server errors, K schema violations.
+api-fuzz: build
+	@cargo run -q -p herald-tests --bin herald-api-fuzz
 
 ## Unit tests only (no services).
 test-unit:

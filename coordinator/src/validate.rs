@@ -110,13 +110,17 @@ pub fn create(body: &[u8], ctx: &Context) -> Result<SubscriptionSpec, ApiError> 
 #[serde(deny_unknown_fields)]
 pub struct RewindRequest {
     /// First block to deliver again.
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     pub from_block: u64,
 }
 
 /// Parses a rewind request.
 pub fn rewind(body: &[u8]) -> Result<RewindRequest, ApiError> {
-    parse_body(body)
+    let request: RewindRequest = parse_body(body)?;
+    if request.from_block > i64::MAX as u64 {
+        return Err(ApiError::invalid("invalid_from_block", "from_block", "must be at most 2^63 - 1"));
+    }
+    Ok(request)
 }
 
 /// Deserialises a JSON body, mapping serde's errors to field-naming API errors.

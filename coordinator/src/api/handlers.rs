@@ -201,6 +201,7 @@ pub async fn create_subscription(
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only this chain.
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
     pub chain_id: Option<u64>,
     /// Only this state: `active` or `paused`.
     #[param(pattern = "^(active|paused)$")]
@@ -211,6 +212,9 @@ pub struct ListQuery {
     /// Return ids after this one (from `next_after`).
     pub after: Option<String>,
 }
+
+/// Chain ids are at most `i64::MAX` (the OpenAPI `int64` range; EIP-2294 bounds them lower).
+const MAX_CHAIN_ID: u64 = i64::MAX as u64;
 
 fn parse_list_query(raw: Option<&str>, max_limit: usize) -> Result<ListQuery, ApiError> {
     let bad = |field: &str, message: &str| ApiError {
@@ -225,7 +229,11 @@ fn parse_list_query(raw: Option<&str>, max_limit: usize) -> Result<ListQuery, Ap
     for (key, value) in pairs {
         match key.as_str() {
             "chain_id" => {
-                q.chain_id = Some(value.parse().map_err(|_| bad("chain_id", "must be a chain id"))?)
+                let chain: u64 = value.parse().map_err(|_| bad("chain_id", "must be a chain id"))?;
+                if chain > MAX_CHAIN_ID {
+                    return Err(bad("chain_id", "must be a chain id (at most 2^63 - 1)"));
+                }
+                q.chain_id = Some(chain);
             }
             "state" if value == "active" || value == "paused" => q.state = Some(value),
             "state" => return Err(bad("state", "must be active or paused")),
@@ -513,10 +521,39 @@ pub async fn list_chains(State(state): State<AppState>) -> Json<Vec<ChainView>> 
     )
 }
 
-/// The OpenAPI document.
-pub async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], ApiDoc::openapi().to_json().unwrap_or_default())
-        .into_response()
+/// The OpenAPI document, with this deployment's facts filled in: the configured chain ids as
+/// the only acceptable `chain_id` values, and links from a created subscription to the
+/// operations on it.
+pub async fn openapi(State(state): State<AppState>) -> Response {
+    let chains: Vec<u64> = state.heads.snapshot().keys().copied().collect();
+    let document = document_with(&chains);
+    ([(header::CONTENT_TYPE, "application/json")], document.to_string()).into_response()
+}
+
+/// The OpenAPI document for a coordinator serving `chains`.
+pub fn document_with(chains: &[u64]) -> serde_json::Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    if let Some(chain_id) = doc.pointer_mut("/components/schemas/CreateSubscription/properties/chain_id") {
+        chain_id["enum"] = serde_json::json!(chains);
+    }
+    let operations = [
+        ("GetSubscription", "get_subscription"),
+        ("DeleteSubscription", "delete_subscription"),
+        ("PauseSubscription", "pause_subscription"),
+        ("ResumeSubscription", "resume_subscription"),
+        ("RewindSubscription", "rewind_subscription"),
+    ];
+    if let Some(created) = doc.pointer_mut("/paths/~1v1~1subscriptions/post/responses/201") {
+        let links: serde_json::Map<String, serde_json::Value> = operations
+            .iter()
+            .map(|(name, op)| {
+                let link = serde_json::json!({"operationId": op, "parameters": {"id": "$response.body#/id"}});
+                ((*name).to_owned(), link)
+            })
+            .collect();
+        created["links"] = serde_json::Value::Object(links);
+    }
+    doc
 }
 
 /// Liveness.
