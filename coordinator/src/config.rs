@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
-use herald_proto::{ChainId, Keyspace, keys::DEFAULT_PREFIX};
+use herald_proto::{ChainId, Keyspace};
 use serde::{Deserialize, Serialize};
 
 /// Everything a coordinator process needs to know.
@@ -33,32 +33,7 @@ pub struct Config {
     pub chains: Vec<ChainConfig>,
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// etcd settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EtcdConfig {
-    /// Client endpoints.
-    pub endpoints: Vec<String>,
-    /// Prefix of every herald key.
-    pub prefix: String,
-    /// Timeout of one connection attempt.
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// Timeout of one request.
-    #[serde(with = "humantime_serde")]
-    pub request_timeout: Duration,
-}
+pub use herald_proto::settings::{EtcdConfig, LogFormat};
 
 /// A secret string: never printed.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,12 +105,7 @@ impl Default for Config {
         Self {
             listen: "0.0.0.0:8080".parse().expect("valid address"),
             log_format: LogFormat::Text,
-            etcd: EtcdConfig {
-                endpoints: vec!["http://127.0.0.1:2379".into()],
-                prefix: DEFAULT_PREFIX.into(),
-                connect_timeout: Duration::from_secs(5),
-                request_timeout: Duration::from_secs(5),
-            },
+            etcd: EtcdConfig::default(),
             auth: AuthConfig::default(),
             api: ApiConfig {
                 max_body_bytes: 64 * 1024,

@@ -15,6 +15,7 @@
 //! - [`envelope`]: the JSON message consumers read ([`EventEnvelope`]) and the
 //!   `Nats-Msg-Id` rule that makes redeliveries collapse in JetStream.
 //! - [`keys`]: the etcd key layout under one configurable prefix ([`Keyspace`]).
+//! - [`settings`]: configuration pieces both binaries share (etcd, log format).
 //! - [`subjects`]: NATS subject rules and header names.
 
 pub mod assignment;
@@ -23,6 +24,7 @@ pub mod envelope;
 pub mod ids;
 pub mod keys;
 pub mod membership;
+pub mod settings;
 pub mod subjects;
 pub mod subscription;
 

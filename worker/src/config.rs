@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
-use herald_proto::{ChainId, Keyspace, WorkerId, keys::DEFAULT_PREFIX};
+use herald_proto::{ChainId, Keyspace, WorkerId};
 use serde::{Deserialize, Serialize};
 
 /// Everything a worker process needs to know.
@@ -57,43 +57,7 @@ impl Default for MembershipConfig {
     }
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// etcd settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EtcdConfig {
-    /// Client endpoints, e.g. `http://127.0.0.1:2379`.
-    pub endpoints: Vec<String>,
-    /// Prefix of every herald key.
-    pub prefix: String,
-    /// Timeout of one connection attempt.
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// Timeout of one request.
-    #[serde(with = "humantime_serde")]
-    pub request_timeout: Duration,
-}
-
-impl Default for EtcdConfig {
-    fn default() -> Self {
-        Self {
-            endpoints: vec!["http://127.0.0.1:2379".into()],
-            prefix: DEFAULT_PREFIX.into(),
-            connect_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(5),
-        }
-    }
-}
+pub use herald_proto::settings::{EtcdConfig, LogFormat};
 
 /// NATS settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
