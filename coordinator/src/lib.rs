@@ -8,6 +8,7 @@
 //! - [`validate`]: pure validation of requests into `SubscriptionSpec`s, naming the field.
 //! - [`api`]: axum router, handlers, auth, error shape, OpenAPI document.
 //! - [`heads`]: chain heads (for lag and start-block bounds).
+//! - [`planner`]: the pure, sticky, balanced assignment solver (see its README).
 //! - [`assign`]: hands unassigned subscriptions to live workers (interim, before the planner).
 //! - [`metrics`]: Prometheus metrics.
 //!
@@ -19,6 +20,7 @@ pub mod assign;
 pub mod config;
 pub mod heads;
 pub mod metrics;
+pub mod planner;
 pub mod registry;
 pub mod validate;
 
