@@ -31,6 +31,9 @@ pub struct Config {
     pub assign_interval: Duration,
     /// Chains subscriptions may be registered on.
     pub chains: Vec<ChainConfig>,
+    /// Subjects of the workers' JetStream stream (`nats.stream.subjects` in their config): a
+    /// subscription's subject must fall under one of them, or nothing could be published.
+    pub stream_subjects: Vec<String>,
 }
 
 pub use herald_proto::settings::{EtcdConfig, LogFormat};
@@ -115,6 +118,7 @@ impl Default for Config {
             },
             assign_interval: Duration::from_secs(1),
             chains: Vec::new(),
+            stream_subjects: vec!["herald.events.>".into()],
         }
     }
 }

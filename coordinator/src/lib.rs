@@ -73,6 +73,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         registry,
         heads,
         api: config.api.clone(),
+        stream_subjects: config.stream_subjects.clone(),
         metrics: metrics::Metrics::new(),
         started: Instant::now(),
     };

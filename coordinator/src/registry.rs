@@ -23,6 +23,9 @@ pub enum RegistryError {
     /// Another subscription already matches the same logs.
     #[error("subscription {0} already subscribes to the same chain, contract, event and filters")]
     Duplicate(String),
+    /// Another subscription already publishes to this subject.
+    #[error("subscription {0} already publishes to this subject")]
+    SubjectTaken(String),
     /// No such subscription.
     #[error("subscription {0} not found")]
     NotFound(SubscriptionId),
@@ -95,20 +98,24 @@ impl Registry {
         &self.keys
     }
 
-    /// Stores a new subscription and its fingerprint, unless either exists.
+    /// Stores a new subscription with its fingerprint and subject claim, unless the id, the
+    /// fingerprint or the subject is taken.
     pub async fn create(&self, record: &SubscriptionRecord, fingerprint: &str) -> Result<(), RegistryError> {
         let id = &record.spec.id;
         let key = self.keys.subscription(id);
         let fp_key = self.keys.fingerprint(fingerprint);
+        let subject_key = self.keys.fingerprint(&record.spec.subject_fingerprint());
         let value = serde_json::to_vec(record).expect("records serialise");
         let txn = Txn::new()
             .when([
                 Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
                 Compare::create_revision(fp_key.as_str(), CompareOp::Equal, 0),
+                Compare::create_revision(subject_key.as_str(), CompareOp::Equal, 0),
             ])
             .and_then([
                 TxnOp::put(key.as_str(), value, None),
                 TxnOp::put(fp_key.as_str(), id.as_str(), None),
+                TxnOp::put(subject_key.as_str(), id.as_str(), None),
             ]);
         let mut client = self.client.clone();
         if client.txn(txn).await?.succeeded() {
@@ -117,9 +124,15 @@ impl Registry {
         if client.get(key.as_str(), None).await?.count() > 0 {
             return Err(RegistryError::IdExists(id.clone()));
         }
-        let existing = client.get(fp_key.as_str(), None).await?;
-        let other = existing.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
-        Err(RegistryError::Duplicate(other.unwrap_or_default()))
+        let holder = |resp: etcd_client::GetResponse| {
+            resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+        };
+        if let Some(other) = holder(client.get(fp_key.as_str(), None).await?) {
+            return Err(RegistryError::Duplicate(other));
+        }
+        Err(RegistryError::SubjectTaken(
+            holder(client.get(subject_key.as_str(), None).await?).unwrap_or_default(),
+        ))
     }
 
     /// One subscription.
@@ -179,17 +192,33 @@ impl Registry {
         }
     }
 
-    /// Deletes a subscription with its assignment, cursor and fingerprint, atomically.
-    pub async fn delete(&self, id: &SubscriptionId, fingerprint: &str) -> Result<(), RegistryError> {
+    /// Deletes a subscription with its assignment, cursor and fingerprint, atomically, if its
+    /// record is still at `revision` (when given): a concurrent delete-and-recreate is not
+    /// mistaken for this one.
+    pub async fn delete(
+        &self,
+        id: &SubscriptionId,
+        fingerprint: Option<&str>,
+        subject_fingerprint: Option<&str>,
+        revision: Option<i64>,
+    ) -> Result<(), RegistryError> {
         let key = self.keys.subscription(id);
-        let txn =
-            Txn::new().when([Compare::create_revision(key.as_str(), CompareOp::Greater, 0)]).and_then([
-                TxnOp::delete(key.as_str(), None),
-                TxnOp::delete(self.keys.assignment(id), None),
-                TxnOp::delete(self.keys.cursor(id), None),
-                TxnOp::delete(self.keys.fingerprint(fingerprint), None),
-            ]);
-        if self.client.clone().txn(txn).await?.succeeded() {
+        let guard = match revision {
+            Some(r) => Compare::mod_revision(key.as_str(), CompareOp::Equal, r),
+            None => Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
+        };
+        let mut ops = vec![
+            TxnOp::delete(key.as_str(), None),
+            TxnOp::delete(self.keys.assignment(id), None),
+            TxnOp::delete(self.keys.cursor(id), None),
+        ];
+        if let Some(fingerprint) = fingerprint {
+            ops.push(TxnOp::delete(self.keys.fingerprint(fingerprint), None));
+        }
+        if let Some(subject) = subject_fingerprint {
+            ops.push(TxnOp::delete(self.keys.fingerprint(subject), None));
+        }
+        if self.client.clone().txn(Txn::new().when([guard]).and_then(ops)).await?.succeeded() {
             Ok(())
         } else {
             Err(RegistryError::NotFound(id.clone()))

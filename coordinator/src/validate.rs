@@ -56,6 +56,8 @@ pub struct Context {
     pub chains: BTreeMap<ChainId, Option<u64>>,
     /// How far beyond the head a start block may be.
     pub max_start_block_ahead: u64,
+    /// Subject patterns of the JetStream stream; a subscription's subject must match one.
+    pub stream_subjects: Vec<String>,
 }
 
 /// Parses and validates a create request.
@@ -87,6 +89,13 @@ pub fn create(body: &[u8], ctx: &Context) -> Result<SubscriptionSpec, ApiError> 
     if let Some(subject) = &request.subject {
         subjects::validate_publish_subject(subject)
             .map_err(|e| ApiError::invalid("invalid_subject", "subject", e.to_string()))?;
+        if !ctx.stream_subjects.iter().any(|p| subjects::subject_matches(p, subject)) {
+            return Err(ApiError::invalid(
+                "invalid_subject",
+                "subject",
+                format!("{subject:?} is outside the stream's subjects {:?}", ctx.stream_subjects),
+            ));
+        }
     }
     let spec = SubscriptionSpec {
         id,
@@ -242,7 +251,11 @@ mod tests {
     use super::*;
 
     fn ctx() -> Context {
-        Context { chains: [(1, Some(1000)), (10, None)].into(), max_start_block_ahead: 100 }
+        Context {
+            chains: [(1, Some(1000)), (10, None)].into(),
+            max_start_block_ahead: 100,
+            stream_subjects: vec!["herald.events.>".into(), "apps.*.events".into()],
+        }
     }
 
     fn body(change: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> Vec<u8> {
@@ -406,6 +419,18 @@ mod tests {
             m.insert("abi".into(), serde_json::json!([fragment]));
         });
         assert!(create(&b, &ctx()).is_ok());
+    }
+
+    #[test]
+    fn subjects_must_fall_under_the_stream() {
+        let ok = body(|m| {
+            m.insert("subject".into(), "apps.billing.events".into());
+        });
+        assert!(create(&ok, &ctx()).is_ok());
+        let outside = body(|m| {
+            m.insert("subject".into(), "other.events".into());
+        });
+        assert_eq!(err(outside), (422, "invalid_subject", Some("subject".into())));
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub struct EventEnvelope {
     pub log_index: u64,
     /// `true` when this message retracts an earlier one whose block was orphaned.
     pub removed: bool,
+    /// Which registration of `subscription_id` this is (the etcd revision that created it): a
+    /// subscription deleted and registered again under the same id gets a new one.
+    #[serde(default)]
+    pub registration: u64,
     /// Rewind epoch: 0 until the subscription is first rewound, then incremented by each
     /// rewind. Replayed messages carry the new epoch (and it is part of their message id), so
     /// a rewind is delivered again even inside JetStream's duplicate window.
@@ -59,15 +63,24 @@ pub struct EventEnvelope {
 }
 
 impl EventEnvelope {
-    /// The JetStream dedup id of this message; see [`msg_id`].
+    /// The JetStream dedup id (`Nats-Msg-Id`) of this message:
+    /// `<chain_id>:<subscription_id>@<registration>:<block_hash>:<log_index>`, then
+    /// `:e<epoch>` once the subscription has been rewound (epoch > 0), then `:removed` for a
+    /// retraction.
+    ///
+    /// A log is identified by the block *hash* (not number), so the same log re-included in a
+    /// different block after a reorg is a different message, while any redelivery of the same
+    /// log (crash replay, takeover) has the same id and is dropped by JetStream. A retraction
+    /// gets its own id so dedup never swallows it. A rewind is an explicit request to see logs
+    /// again, so the epoch makes replayed messages new to JetStream, while crash redeliveries
+    /// within one epoch keep colliding. The registration tells apart a subscription deleted and
+    /// registered again under the same id, whose messages are new too.
     pub fn msg_id(&self) -> String {
-        msg_id(
-            self.chain_id,
-            &self.subscription_id,
-            &self.block_hash,
-            self.log_index,
-            self.removed,
-            self.rewind_epoch,
+        let epoch = if self.rewind_epoch > 0 { format!(":e{}", self.rewind_epoch) } else { String::new() };
+        let removed = if self.removed { ":removed" } else { "" };
+        format!(
+            "{}:{}@{}:{}:{}{epoch}{removed}",
+            self.chain_id, self.subscription_id, self.registration, self.block_hash, self.log_index
         )
     }
 
@@ -75,29 +88,6 @@ impl EventEnvelope {
     pub fn position(&self) -> (u64, u64) {
         (self.block_number, self.log_index)
     }
-}
-
-/// The `Nats-Msg-Id` of a message: `<chain_id>:<subscription_id>:<block_hash>:<log_index>`,
-/// then `:e<epoch>` once the subscription has been rewound (epoch > 0), then `:removed` for a
-/// retraction.
-///
-/// A log is identified by the block *hash* (not number), so the same log re-included in a
-/// different block after a reorg is a different message, while any redelivery of the same log
-/// (crash replay, takeover) has the same id and is dropped by JetStream. A retraction gets its
-/// own id so dedup never swallows it. A rewind is an explicit request to see logs again, so
-/// the epoch makes replayed messages new to JetStream, while crash redeliveries within one
-/// epoch keep colliding.
-pub fn msg_id(
-    chain_id: ChainId,
-    subscription_id: &SubscriptionId,
-    block_hash: &B256,
-    log_index: u64,
-    removed: bool,
-    epoch: u64,
-) -> String {
-    let epoch = if epoch > 0 { format!(":e{epoch}") } else { String::new() };
-    let removed = if removed { ":removed" } else { "" };
-    format!("{chain_id}:{subscription_id}:{block_hash}:{log_index}{epoch}{removed}")
 }
 
 #[cfg(test)]
@@ -118,6 +108,7 @@ mod tests {
             transaction_index: 0,
             log_index: 3,
             removed: false,
+            registration: 7,
             rewind_epoch: 0,
             args: serde_json::json!({"value": "1"}),
             decode_error: None,
@@ -129,7 +120,7 @@ mod tests {
     #[test]
     fn msg_id_follows_the_rule() {
         let e = sample();
-        assert_eq!(e.msg_id(), format!("1:s:{}:3", B256::repeat_byte(0xab)));
+        assert_eq!(e.msg_id(), format!("1:s@7:{}:3", B256::repeat_byte(0xab)));
         let mut r = e.clone();
         r.removed = true;
         assert_eq!(r.msg_id(), format!("{}:removed", e.msg_id()));
@@ -149,6 +140,9 @@ mod tests {
         assert_ne!(base.msg_id(), other.msg_id());
         let mut other = base.clone();
         other.chain_id = 2;
+        assert_ne!(base.msg_id(), other.msg_id());
+        let mut other = base.clone();
+        other.registration = 8;
         assert_ne!(base.msg_id(), other.msg_id());
         let mut other = base.clone();
         other.rewind_epoch = 1;

@@ -13,7 +13,7 @@
 //! - [`membership`]: what a live worker announces under its lease ([`WorkerInfo`]).
 //! - [`assignment`]: the record a coordinator writes to hand a subscription to a worker.
 //! - [`envelope`]: the JSON message consumers read ([`EventEnvelope`]) and the
-//!   `Nats-Msg-Id` rule that makes redeliveries collapse in JetStream.
+//!   `Nats-Msg-Id` rule (`EventEnvelope::msg_id`) that makes redeliveries collapse in JetStream.
 //! - [`keys`]: the etcd key layout under one configurable prefix ([`Keyspace`]).
 //! - [`settings`]: configuration pieces both binaries share (etcd, log format).
 //! - [`subjects`]: NATS subject rules and header names.
@@ -30,7 +30,7 @@ pub mod subscription;
 
 pub use assignment::Assignment;
 pub use cursor::Cursor;
-pub use envelope::{EventEnvelope, msg_id};
+pub use envelope::EventEnvelope;
 pub use ids::{ChainId, IdError, SubscriptionId, WorkerId};
 pub use keys::{Key, KeyError, Keyspace};
 pub use membership::WorkerInfo;

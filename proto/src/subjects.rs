@@ -2,7 +2,7 @@
 //!
 //! A subscription publishes to `herald.events.<chain_id>.<subscription_id>` unless it names
 //! its own subject. Each message carries [`MSG_ID`] (JetStream's dedup key, see
-//! [`crate::msg_id`]) and a few herald headers so consumers can route without parsing JSON.
+//! [`crate::EventEnvelope::msg_id`]) and a few herald headers so consumers can route without parsing JSON.
 
 use crate::ids::{ChainId, SubscriptionId};
 
@@ -62,9 +62,35 @@ pub fn validate_publish_subject(subject: &str) -> Result<(), SubjectError> {
     Ok(())
 }
 
+/// Whether NATS subject `pattern` (with `*` for one token and a trailing `>` for one or more)
+/// matches the literal `subject`.
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut tokens = subject.split('.');
+    for p in pattern.split('.') {
+        match (p, tokens.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (p, Some(t)) if p == t => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wildcards_match_like_nats() {
+        assert!(subject_matches("herald.events.>", "herald.events.1.x"));
+        assert!(!subject_matches("herald.events.>", "herald.events"));
+        assert!(subject_matches("a.*.c", "a.b.c"));
+        assert!(!subject_matches("a.*.c", "a.b.c.d"));
+        assert!(!subject_matches("a.*", "a"));
+        assert!(subject_matches("a.b", "a.b"));
+        assert!(!subject_matches("a.b", "a.bc"));
+    }
 
     #[test]
     fn default_subject_is_valid() {

@@ -77,6 +77,13 @@ impl SubscriptionSpec {
         alloy_primitives::hex::encode(keccak256(text.as_bytes()))
     }
 
+    /// Key of the claim on this spec's subject (hex of a keccak256, in the same namespace as
+    /// [`Self::fingerprint`]): two subscriptions never publish to one subject, so a subject's
+    /// tail always belongs to one subscription.
+    pub fn subject_fingerprint(&self) -> String {
+        alloy_primitives::hex::encode(keccak256(format!("subject:{}", self.subject()).as_bytes()))
+    }
+
     /// Validates the spec and compiles its event and filters.
     pub fn compile(&self) -> Result<CompiledEvent, SpecError> {
         if let Some(subject) = &self.subject {
@@ -267,6 +274,13 @@ impl CompiledEvent {
         if event.anonymous {
             return Err(SpecError::new("event", "anonymous events have no topic0 to match"));
         }
+        let indexed = event.inputs.iter().filter(|p| p.indexed).count();
+        if indexed > INDEXED_TOPICS {
+            return Err(SpecError::new(
+                "event",
+                format!("an event has at most {INDEXED_TOPICS} indexed parameters, this one has {indexed}"),
+            ));
+        }
         for (i, input) in event.inputs.iter().enumerate() {
             DynSolType::parse(&input.selector_type()).map_err(|e| {
                 SpecError::new(format!("event.inputs[{i}]"), format!("unsupported type: {e}"))
@@ -425,6 +439,13 @@ mod tests {
         let mut s = transfer_spec();
         s.filters.insert("to".into(), vec![]);
         assert_eq!(s.compile().unwrap_err().field, "filters.to");
+
+        let mut s = transfer_spec();
+        s.event = EventDefinition::Signature(
+            "event E(uint8 indexed a, uint8 indexed b, uint8 indexed c, uint8 indexed d)".into(),
+        );
+        s.filters.insert("d".into(), vec!["1".into()]);
+        assert_eq!(s.compile().unwrap_err().field, "event");
 
         let mut s = transfer_spec();
         s.subject = Some("a.*".into());

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use herald_proto::{Keyspace, SubscriptionId};
-use herald_tests::chain::TRANSFER_EVENT;
+use herald_tests::chain::{NOTE_EVENT as NOTE, TRANSFER_EVENT};
 use herald_tests::check::assert_exact_transfers;
 use herald_tests::herald::{CoordinatorProcess, CoordinatorSettings, READ_TOKEN, read_cursor};
 use herald_tests::{Stack, StreamReader, WorkerProcess, init_tracing, wait_for};
@@ -95,6 +95,13 @@ async fn lifecycle_through_http() -> anyhow::Result<()> {
     let (status, view) =
         coordinator.post("/v1/subscriptions/transfers/rewind", &json!({"from_block": from_block})).await?;
     assert_eq!((status, view["rewind_epoch"].as_u64()), (200, Some(1)), "{view}");
+    let (status, body) =
+        coordinator.post("/v1/subscriptions/transfers/rewind", &json!({"from_block": last + 1000})).await?;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("invalid_from_block")),
+        "rewinding forward"
+    );
     let after = reader.wait_for_count(subject, 60 + expected_replay, TIMEOUT).await?;
     assert!(after[60..].iter().all(|m| m.rewind_epoch == 1 && m.block_number >= from_block));
 
@@ -170,6 +177,15 @@ async fn every_validation_rule_and_auth_rule_answers_with_status_code_and_field(
         (with(json!({"id": "x".repeat(65)})), 422, "invalid_id", "id"),
         (with(json!({"subject": "a..b"})), 422, "invalid_subject", "subject"),
         (with(json!({"subject": "herald.>"})), 422, "invalid_subject", "subject"),
+        (with(json!({"subject": "elsewhere.events"})), 422, "invalid_subject", "subject"),
+        (
+            with(
+                json!({"event": "event E(uint8 indexed a, uint8 indexed b, uint8 indexed c, uint8 indexed d)"}),
+            ),
+            422,
+            "invalid_event",
+            "event",
+        ),
         (with(json!({"colour": "red"})), 422, "unknown_field", "colour"),
         (with(json!({"address": null})), 422, "missing_field", "address"),
     ];
@@ -221,8 +237,23 @@ async fn every_validation_rule_and_auth_rule_answers_with_status_code_and_field(
     assert_eq!((status, body["error"]["code"].as_str()), (409, Some("already_exists")));
     let (status, body) = c.post("/v1/subscriptions", &with(json!({"id": "same-logs"}))).await?;
     assert_eq!((status, body["error"]["code"].as_str()), (409, Some("duplicate_subscription")));
+    let (status, body) = c
+        .post(
+            "/v1/subscriptions",
+            &with(json!({"id": "thief", "event": NOTE, "subject": "herald.events.31337.valid"})),
+        )
+        .await?;
+    assert_eq!(
+        (status, body["error"]["code"].as_str(), body["error"]["field"].as_str()),
+        (409, Some("subject_taken"), Some("subject"))
+    );
     let stored = etcd.get(dir.as_str(), Some(etcd_client::GetOptions::new().with_prefix())).await?;
     assert_eq!(stored.count(), 1);
+    // Nothing has run yet (no worker), so there is nothing to rewind.
+    let (status, body) = c.post("/v1/subscriptions/valid/rewind", &json!({"from_block": 1})).await?;
+    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("not_started")));
+    let (status, _) = c.post("/v1/subscriptions/nope/rewind", &json!({"from_block": 1})).await?;
+    assert_eq!(status, 404);
 
     // Listing: filters and pages.
     for i in 0..3 {

@@ -100,3 +100,28 @@ async fn pause_resume_rewind_and_delete() -> anyhow::Result<()> {
     assert_eq!(read_cursor(&mut etcd, &spec.id).await?, None);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_and_registered_again_subscription_is_delivered_again() -> anyhow::Result<()> {
+    init_tracing();
+    let stack = Stack::start().await?;
+    let mut etcd = stack.etcd.client().await?;
+    let reader = StreamReader::connect(&stack.nats.url()).await?;
+    let spec = stack.subscription("transfers", TRANSFER_EVENT);
+    for _ in 0..3 {
+        stack.chain.emit_many(10).await?;
+    }
+    register_subscription(&mut etcd, &spec, "worker-a").await?;
+    let _worker = WorkerProcess::start(stack.worker_settings("worker-a"))?;
+    let first = reader.wait_for_count(&spec.subject(), 30, TIMEOUT).await?;
+    assert_exact_transfers(&first, 30);
+
+    // Same id, new registration: well inside the duplicate window, and with the old messages
+    // still at the subject's tail, the new registration gets everything again.
+    delete_subscription(&mut etcd, &spec.id).await?;
+    register_subscription(&mut etcd, &spec, "worker-a").await?;
+    let all = reader.wait_for_count(&spec.subject(), 60, TIMEOUT).await?;
+    assert_exact_transfers(&all[30..], 30);
+    assert!(all[30..].iter().all(|m| m.registration > first[0].registration));
+    Ok(())
+}

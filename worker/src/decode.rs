@@ -38,6 +38,7 @@ pub fn envelope(
         transaction_index: log.transaction_index.unwrap_or_default(),
         log_index: log.log_index.unwrap_or_default(),
         removed: false,
+        registration: 0,
         rewind_epoch: 0,
         args,
         decode_error,

@@ -48,6 +48,8 @@ pub struct SubscriptionTask<R, S, C> {
     pub event: CompiledEvent,
     /// The latest rewind request in the subscription's record.
     pub rewind: Option<Rewind>,
+    /// Which registration of the subscription id this is (its record's create revision).
+    pub registration: u64,
     /// How long to wait when caught up.
     pub poll_interval: Duration,
     /// Largest `eth_getLogs` span.
@@ -86,10 +88,16 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         else {
             return Exit::Cancelled;
         };
-        // Only messages of this subscription and epoch count: after a rewind the stream's tail
-        // belongs to the previous epoch and everything is to be published again.
+        // Only messages of this registration and epoch count: after a rewind, or a delete and
+        // re-registration of the id, the stream's tail belongs to the past and everything is to
+        // be published again.
         let mut published_through = tail
-            .filter(|e| e.subscription_id == self.spec.id && !e.removed && e.rewind_epoch == epoch)
+            .filter(|e| {
+                e.subscription_id == self.spec.id
+                    && e.registration == self.registration
+                    && e.rewind_epoch == epoch
+                    && !e.removed
+            })
             .map(|e| e.position());
         tracing::info!(next_block = next, epoch, ?published_through, %subject, "subscription started");
 
@@ -142,9 +150,16 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         match self.spec.start_block {
             StartBlock::Number(n) => Some(Resume { next: n, epoch: 0 }),
             StartBlock::Latest => {
-                let head = retry("read the chain head", cancel, || self.chain.head()).await?;
-                let Some(target) = confirmed_target(head, self.spec.confirmations) else {
-                    return Some(Resume { next: 0, epoch: 0 });
+                // A chain shorter than the confirmation depth has no confirmed block yet: wait.
+                let target = loop {
+                    let head = retry("read the chain head", cancel, || self.chain.head()).await?;
+                    if let Some(target) = confirmed_target(head, self.spec.confirmations) {
+                        break target;
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return None,
+                        _ = tokio::time::sleep(self.poll_interval) => {}
+                    }
                 };
                 let block = retry("read the start block", cancel, || self.chain.block(target)).await?;
                 let cursor = Cursor { block_number: target, block_hash: block.hash, epoch: 0 };
@@ -163,7 +178,9 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         cancel: &CancellationToken,
     ) -> Result<Step, RpcError> {
         let labels = self.labels();
-        let head = self.observe(self.chain.head().await, "eth_blockNumber")?;
+        let Some(head) = self.call(self.chain.head(), "eth_blockNumber", cancel).await? else {
+            return Ok(Step::Exit(Exit::Cancelled));
+        };
         self.metrics.head_block.with_label_values(&[&labels[0]]).set(head as i64);
         self.metrics
             .lag_blocks
@@ -181,12 +198,17 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         topics[0] = Some(vec![self.event.selector]);
         topics[1..].clone_from_slice(&self.event.topic_filters);
         let query = LogQuery { from, to, address: self.spec.address, topics };
-        let logs = self.observe(self.chain.logs(&query).await, "eth_getLogs")?;
-        let last_block = self.observe(self.chain.block(to).await, "eth_getBlockByNumber")?;
+        let Some(logs) = self.call(self.chain.logs(&query), "eth_getLogs", cancel).await? else {
+            return Ok(Step::Exit(Exit::Cancelled));
+        };
+        let Some(last_block) = self.call(self.chain.block(to), "eth_getBlockByNumber", cancel).await? else {
+            return Ok(Step::Exit(Exit::Cancelled));
+        };
 
         for log in logs.iter().filter(|l| self.event.matches_topics(l.topics())) {
             let mut envelope = decode::envelope(self.spec.chain_id, &self.spec.id, &self.event, log);
             envelope.rewind_epoch = epoch;
+            envelope.registration = self.registration;
             if published_through.is_some_and(|p| envelope.position() <= p) {
                 continue;
             }
@@ -255,13 +277,15 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
     }
 
     /// Commits the cursor, retrying etcd failures; `Err(exit)` when fenced or cancelled.
+    ///
+    /// A write in flight is never abandoned on cancellation: etcd may still apply a request
+    /// whose future was dropped, and it must not land after the next owner's (or the next
+    /// task's, after a rewind) first write. Each attempt is bounded by the etcd request
+    /// timeout; cancellation is honoured between attempts.
     async fn commit(&self, cursor: &Cursor, cancel: &CancellationToken) -> Result<(), Exit> {
         let mut backoff = Backoff::network();
         loop {
-            let result = tokio::select! {
-                _ = cancel.cancelled() => return Err(Exit::Cancelled),
-                r = self.store.commit_cursor(&self.ownership, cursor) => r,
-            };
+            let result = self.store.commit_cursor(&self.ownership, cursor).await;
             match result {
                 Ok(()) => return Ok(()),
                 Err(StoreError::Fenced(_)) => {
@@ -281,6 +305,19 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                     }
                 }
             }
+        }
+    }
+
+    /// Runs one chain call unless cancelled first (`Ok(None)`), counting its outcome.
+    async fn call<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, RpcError>>,
+        method: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Option<T>, RpcError> {
+        tokio::select! {
+            _ = cancel.cancelled() => Ok(None),
+            result = call => self.observe(result, method).map(Some),
         }
     }
 
@@ -457,6 +494,7 @@ mod tests {
             event: spec.compile().unwrap(),
             spec,
             rewind: None,
+            registration: 1,
             poll_interval: Duration::from_millis(5),
             max_block_range,
         }
@@ -520,7 +558,8 @@ mod tests {
                 &Default::default(),
             )
             .unwrap();
-            let e = crate::decode::envelope(1, &SubscriptionId::new("s").unwrap(), &spec_event, log);
+            let mut e = crate::decode::envelope(1, &SubscriptionId::new("s").unwrap(), &spec_event, log);
+            e.registration = 1;
             sink.stored.lock().unwrap().push(e);
         }
         let store = Arc::new(FakeStore {

@@ -165,7 +165,9 @@ impl EtcdStore {
         let revision = resp.header().map_or(0, |h| h.revision());
         let mut records = BTreeMap::new();
         for kv in resp.kvs() {
-            if let Some((id, record)) = self.record_from(kv.key(), kv.value(), kv.mod_revision()) {
+            if let Some((id, record)) =
+                self.record_from(kv.key(), kv.value(), kv.mod_revision(), kv.create_revision())
+            {
                 records.insert(id, record);
             }
         }
@@ -178,6 +180,7 @@ impl EtcdStore {
         key: &[u8],
         value: &[u8],
         mod_revision: i64,
+        create_revision: i64,
     ) -> Option<(SubscriptionId, Versioned)> {
         let key = std::str::from_utf8(key).ok()?;
         let Ok(Key::Subscription(id)) = self.keys.parse(key) else {
@@ -185,7 +188,9 @@ impl EtcdStore {
             return None;
         };
         match serde_json::from_slice::<SubscriptionRecord>(value) {
-            Ok(record) if record.spec.id == id => Some((id, Versioned { record, mod_revision })),
+            Ok(record) if record.spec.id == id => {
+                Some((id, Versioned { record, mod_revision, create_revision }))
+            }
             Ok(_) => {
                 tracing::warn!(key, "ignoring subscription record whose id does not match its key");
                 None
@@ -212,6 +217,8 @@ pub struct Versioned {
     pub record: SubscriptionRecord,
     /// Its key's mod revision: changes with every pause, resume or rewind.
     pub mod_revision: i64,
+    /// Its key's create revision: identifies this registration of the id.
+    pub create_revision: i64,
 }
 
 impl CursorStore for EtcdStore {

@@ -164,10 +164,16 @@ impl Supervisor {
                     Ok(Some(r)) if !r.canceled() => r,
                     Ok(_) => {
                         tracing::info!("etcd watch ended, relisting");
+                        if !pause(&mut backoff, &cancel).await {
+                            break 'relist;
+                        }
                         continue 'relist;
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "etcd watch failed, relisting");
+                        if !pause(&mut backoff, &cancel).await {
+                            break 'relist;
+                        }
                         continue 'relist;
                     }
                 };
@@ -194,7 +200,14 @@ impl Supervisor {
                         }
                         Ok(Key::Subscription(id)) => {
                             let record = put
-                                .then(|| self.store.record_from(kv.key(), kv.value(), kv.mod_revision()))
+                                .then(|| {
+                                    self.store.record_from(
+                                        kv.key(),
+                                        kv.value(),
+                                        kv.mod_revision(),
+                                        kv.create_revision(),
+                                    )
+                                })
                                 .flatten();
                             match record {
                                 Some((_, r)) => records.insert(id, r),
@@ -227,13 +240,14 @@ impl Supervisor {
         let finished: Vec<_> =
             running.iter().filter(|(_, r)| r.handle.is_finished()).map(|(id, _)| id.clone()).collect();
         let changes = plan(&current, &finished, &desired);
-        for id in &changes.stop {
-            if let Some(task) = running.remove(id) {
-                tracing::info!(subscription_id = %id, "stopping subscription task");
-                task.cancel.cancel();
-                let _ = task.handle.await;
-            }
+        // Cancel every stopping task first, then join them together: stops overlap instead of
+        // adding up, and no successor starts before its predecessor has ended.
+        let stopping: Vec<Running> = changes.stop.iter().filter_map(|id| running.remove(id)).collect();
+        for (id, task) in changes.stop.iter().zip(&stopping) {
+            tracing::info!(subscription_id = %id, "stopping subscription task");
+            task.cancel.cancel();
         }
+        futures::future::join_all(stopping.into_iter().map(|t| t.handle)).await;
         for id in changes.start {
             let key = desired[&id].clone();
             if let Some(task) = self.spawn(key, &records[&id], cancel) {
@@ -265,6 +279,7 @@ impl Supervisor {
             ownership: key.ownership.clone(),
             event,
             rewind: versioned.record.rewind,
+            registration: u64::try_from(versioned.create_revision).unwrap_or_default(),
             poll_interval: chain.config.poll_interval,
             max_block_range: chain.config.max_block_range,
             spec,
@@ -297,7 +312,7 @@ mod tests {
         .unwrap();
         let mut record = herald_proto::SubscriptionRecord::new(spec, 0);
         record.state = state;
-        (SubscriptionId::new(id).unwrap(), Versioned { record, mod_revision })
+        (SubscriptionId::new(id).unwrap(), Versioned { record, mod_revision, create_revision: 1 })
     }
 
     #[test]

@@ -98,6 +98,12 @@ fn registry_error(e: RegistryError) -> ApiError {
             "duplicate_subscription",
             format!("subscription {other} already subscribes to the same chain, contract, event and filters"),
         ),
+        RegistryError::SubjectTaken(other) => ApiError {
+            status: StatusCode::CONFLICT,
+            code: "subject_taken",
+            message: format!("subscription {other} already publishes to this subject"),
+            field: Some("subject".into()),
+        },
         RegistryError::NotFound(id) => ApiError::not_found(format!("subscription {id}")),
         e => ApiError::unavailable(e),
     }
@@ -131,6 +137,21 @@ fn view(
 async fn view_of(state: &AppState, stored: &StoredRecord) -> Result<SubscriptionView, ApiError> {
     let (worker, cursor) = state.registry.status_of(&stored.record.spec.id).await.map_err(registry_error)?;
     Ok(view(stored, worker, cursor, state.heads.get(stored.record.spec.chain_id)))
+}
+
+/// The `{id}` path segment; a segment that does not even decode is a 404 in the API's error
+/// shape, not axum's plain-text 400.
+pub struct IdPath(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        <Path<String> as axum::extract::FromRequestParts<S>>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| IdPath(id))
+            .map_err(|_| ApiError::not_found("subscription"))
+    }
 }
 
 fn parse_id(id: &str) -> Result<SubscriptionId, ApiError> {
@@ -167,7 +188,7 @@ async fn json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Token may not write", body = ErrorBody),
-        (status = 409, description = "Id or same subscription exists", body = ErrorBody),
+        (status = 409, description = "Id, same subscription or subject exists", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "Invalid field", body = ErrorBody),
@@ -183,6 +204,7 @@ pub async fn create_subscription(
     let ctx = validate::Context {
         chains: state.heads.snapshot().into_iter().map(|(c, h)| (c, h.map(|h| h.number))).collect(),
         max_start_block_ahead: state.api.max_start_block_ahead,
+        stream_subjects: state.stream_subjects.clone(),
     };
     let spec = validate::create(&body, &ctx)?;
     let fingerprint = spec
@@ -318,7 +340,7 @@ pub async fn list_subscriptions(
 )]
 pub async fn get_subscription(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<Json<SubscriptionView>, ApiError> {
     let id = parse_id(&id)?;
     let stored = state
@@ -345,21 +367,26 @@ pub async fn get_subscription(
 )]
 pub async fn delete_subscription(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id)?;
-    let stored = state
+    // A record that no longer parses (or compiles) can still be deleted: everything but its
+    // fingerprint goes, which is what a new registration of the same logs would collide with.
+    let (fingerprint, subject, revision) = match state.registry.get(&id).await {
+        Ok(Some(stored)) => {
+            let spec = &stored.record.spec;
+            let fingerprint = spec.compile().ok().map(|c| spec.fingerprint(&c));
+            (fingerprint, Some(spec.subject_fingerprint()), Some(stored.mod_revision))
+        }
+        Ok(None) => return Err(registry_error(RegistryError::NotFound(id))),
+        Err(RegistryError::BadValue { .. }) => (None, None, None),
+        Err(e) => return Err(registry_error(e)),
+    };
+    state
         .registry
-        .get(&id)
+        .delete(&id, fingerprint.as_deref(), subject.as_deref(), revision)
         .await
-        .map_err(registry_error)?
-        .ok_or_else(|| registry_error(RegistryError::NotFound(id.clone())))?;
-    let compiled = stored
-        .record
-        .spec
-        .compile()
-        .map_err(|e| ApiError::unavailable(format!("stored spec does not compile: {e}")))?;
-    state.registry.delete(&id, &stored.record.spec.fingerprint(&compiled)).await.map_err(registry_error)?;
+        .map_err(registry_error)?;
     tracing::info!(subscription_id = %id, "subscription deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -390,7 +417,7 @@ async fn set_state(
 )]
 pub async fn pause_subscription(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<Json<SubscriptionView>, ApiError> {
     set_state(&state, &id, SubscriptionState::Paused).await
 }
@@ -410,7 +437,7 @@ pub async fn pause_subscription(
 )]
 pub async fn resume_subscription(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<Json<SubscriptionView>, ApiError> {
     set_state(&state, &id, SubscriptionState::Active).await
 }
@@ -428,6 +455,7 @@ pub async fn resume_subscription(
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Token may not write", body = ErrorBody),
         (status = 404, description = "No such subscription", body = ErrorBody),
+        (status = 409, description = "Nothing to rewind yet", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "Invalid field", body = ErrorBody),
@@ -436,26 +464,38 @@ pub async fn resume_subscription(
 )]
 pub async fn rewind_subscription(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<SubscriptionView>, ApiError> {
     let id = parse_id(&id)?;
     let body = json_body(&headers, body, state.api.max_body_bytes).await?;
     let request = validate::rewind(&body)?;
-    if let Some(head) = state
-        .registry
-        .get(&id)
-        .await
-        .map_err(registry_error)?
-        .and_then(|s| state.heads.get(s.record.spec.chain_id))
-        && request.from_block > head
-    {
-        return Err(ApiError::invalid(
-            "invalid_from_block",
-            "from_block",
-            format!("block {} is beyond the head ({head})", request.from_block),
-        ));
+    let (_, cursor) = state.registry.status_of(&id).await.map_err(registry_error)?;
+    match cursor {
+        // Rewinding forward would skip logs that were never published.
+        Some(c) if request.from_block > c.next_block() => {
+            return Err(ApiError::invalid(
+                "invalid_from_block",
+                "from_block",
+                format!(
+                    "block {} is beyond the subscription's progress (next block {}); a rewind can only go back",
+                    request.from_block,
+                    c.next_block()
+                ),
+            ));
+        }
+        Some(_) => {}
+        None if state.registry.get(&id).await.map_err(registry_error)?.is_none() => {
+            return Err(registry_error(RegistryError::NotFound(id)));
+        }
+        None => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "not_started",
+                "the subscription has not made progress yet; there is nothing to rewind",
+            ));
+        }
     }
     let stored = state
         .registry

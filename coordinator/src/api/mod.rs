@@ -34,6 +34,8 @@ pub struct AppState {
     pub heads: Heads,
     /// Limits.
     pub api: ApiConfig,
+    /// Subject patterns of the JetStream stream.
+    pub stream_subjects: Vec<String>,
     /// Metrics.
     pub metrics: Metrics,
     /// When the process started.
