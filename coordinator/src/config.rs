@@ -26,9 +26,12 @@ pub struct Config {
     pub auth: AuthConfig,
     /// API limits.
     pub api: ApiConfig,
-    /// How often unassigned subscriptions are handed to live workers.
-    #[serde(with = "humantime_serde")]
-    pub assign_interval: Duration,
+    /// This replica's identity in the leader election (default: `coordinator-<pid>`).
+    pub identity: Option<String>,
+    /// Leader election.
+    pub election: ElectionConfig,
+    /// Planning.
+    pub planner: PlannerConfig,
     /// Chains subscriptions may be registered on.
     pub chains: Vec<ChainConfig>,
     /// Subjects of the workers' JetStream stream (`nats.stream.subjects` in their config): a
@@ -37,6 +40,30 @@ pub struct Config {
 }
 
 pub use herald_proto::settings::{EtcdConfig, LogFormat};
+
+/// Leader election among coordinator replicas.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ElectionConfig {
+    /// TTL of the leader's lease: a dead leader is replaced after about this long.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+}
+
+/// How the leader reconciles.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlannerConfig {
+    /// Quiet time after a change (worker, subscription, assignment) before planning.
+    #[serde(with = "humantime_serde")]
+    pub debounce: Duration,
+    /// Longest a burst of changes can postpone planning.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Planning happens at least this often.
+    #[serde(with = "humantime_serde")]
+    pub resync_interval: Duration,
+}
 
 /// A secret string: never printed.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,7 +143,13 @@ impl Default for Config {
                 default_page_size: 100,
                 max_page_size: 1000,
             },
-            assign_interval: Duration::from_secs(1),
+            identity: None,
+            election: ElectionConfig { lease_ttl: Duration::from_secs(5) },
+            planner: PlannerConfig {
+                debounce: Duration::from_millis(300),
+                max_delay: Duration::from_secs(2),
+                resync_interval: Duration::from_secs(10),
+            },
             chains: Vec::new(),
             stream_subjects: vec!["herald.events.>".into()],
         }
@@ -215,8 +248,11 @@ impl Config {
         if self.api.default_page_size == 0 || self.api.default_page_size > self.api.max_page_size {
             return Err(invalid("api.default_page_size", "must be between 1 and api.max_page_size"));
         }
-        if self.assign_interval.is_zero() {
-            return Err(invalid("assign_interval", "must be greater than zero"));
+        if self.election.lease_ttl < Duration::from_secs(2) {
+            return Err(invalid("election.lease_ttl", "must be at least 2s"));
+        }
+        if self.planner.resync_interval.is_zero() {
+            return Err(invalid("planner.resync_interval", "must be greater than zero"));
         }
         if self.chains.is_empty() {
             return Err(invalid("chains", "needs at least one chain"));

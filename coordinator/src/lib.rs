@@ -9,18 +9,20 @@
 //! - [`api`]: axum router, handlers, auth, error shape, OpenAPI document.
 //! - [`heads`]: chain heads (for lag and start-block bounds).
 //! - [`planner`]: the pure, sticky, balanced assignment solver (see its README).
-//! - [`assign`]: hands unassigned subscriptions to live workers (interim, before the planner).
+//! - [`election`]: leader election (etcd election API, lease with a local deadline).
+//! - [`reconcile`]: the leader's loop: plan, diff against etcd, apply with transactions.
 //! - [`metrics`]: Prometheus metrics.
 //!
 //! etcd is the only state: any number of coordinators can serve the API, and a restart loses
 //! nothing.
 
 pub mod api;
-pub mod assign;
 pub mod config;
+pub mod election;
 pub mod heads;
 pub mod metrics;
 pub mod planner;
+pub mod reconcile;
 pub mod registry;
 pub mod validate;
 
@@ -67,19 +69,39 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     for chain in &config.chains {
         tokio::spawn(heads.clone().poll(chain.clone(), shutdown.child_token()));
     }
-    tokio::spawn(assign::run(registry.clone(), config.assign_interval, shutdown.child_token()));
+    let metrics = metrics::Metrics::new();
+    let identity = config.identity.clone().unwrap_or_else(|| format!("coordinator-{}", std::process::id()));
+    let reconciler = reconcile::Reconciler {
+        registry: registry.clone(),
+        pacing: reconcile::Pacing {
+            debounce: config.planner.debounce,
+            max_delay: config.planner.max_delay,
+            resync: config.planner.resync_interval,
+        },
+        metrics: metrics.clone(),
+    };
+    let election = tokio::spawn(election::run(
+        registry.client(),
+        config.keyspace().leader(),
+        identity,
+        config.election.lease_ttl,
+        metrics.clone(),
+        reconciler,
+        shutdown.child_token(),
+    ));
 
     let state = api::AppState {
         registry,
         heads,
         api: config.api.clone(),
         stream_subjects: config.stream_subjects.clone(),
-        metrics: metrics::Metrics::new(),
+        metrics,
         started: Instant::now(),
     };
     let app = api::router(state, tokens);
     tracing::info!(addr = %config.listen, "serving the admin API");
     axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    let _ = election.await;
     tracing::info!("coordinator stopped");
     Ok(())
 }

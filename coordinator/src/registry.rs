@@ -296,6 +296,21 @@ impl Registry {
         Ok((resp.ttl() > 0).then(|| resp.granted_ttl() - resp.ttl()))
     }
 
+    /// Removes the assignment of `id` if it still names `worker`. Returns whether it did.
+    pub async fn revoke(&self, id: &SubscriptionId, worker: &WorkerId) -> Result<bool, RegistryError> {
+        let key = self.keys.assignment(id);
+        let value = serde_json::to_vec(&Assignment { worker_id: worker.clone() }).expect("serialises");
+        let txn = Txn::new()
+            .when([Compare::value(key.as_str(), CompareOp::Equal, value)])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        Ok(self.client.clone().txn(txn).await?.succeeded())
+    }
+
+    /// A handle on the etcd client (cheap to clone).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     /// Assigns a subscription to a worker, bound to the worker's lease, if it is unassigned
     /// and still exists. Returns whether it was written.
     pub async fn assign(&self, id: &SubscriptionId, worker: &LiveWorker) -> Result<bool, RegistryError> {

@@ -35,12 +35,22 @@ pub struct WorkerSettings {
     pub max_block_range: u64,
     /// Port for `/metrics`.
     pub metrics_port: u16,
+    /// Membership lease TTL in seconds.
+    pub lease_ttl_secs: u64,
 }
 
 impl WorkerSettings {
     /// Settings for worker `worker_id` against the given services.
     pub fn new(worker_id: &str, etcd: String, nats: String, rpc: String) -> Self {
-        Self { worker_id: worker_id.into(), etcd, nats, rpc, max_block_range: 50, metrics_port: free_port() }
+        Self {
+            worker_id: worker_id.into(),
+            etcd,
+            nats,
+            rpc,
+            max_block_range: 50,
+            metrics_port: free_port(),
+            lease_ttl_secs: 10,
+        }
     }
 
     /// The TOML configuration file for these settings.
@@ -63,6 +73,9 @@ name = "{STREAM}"
 subjects = ["herald.events.>"]
 duplicate_window = "10m"
 
+[membership]
+lease_ttl = "{ttl}s"
+
 [[chains]]
 chain_id = {chain}
 rpc_urls = ["{rpc}"]
@@ -70,6 +83,7 @@ poll_interval = "100ms"
 max_block_range = {range}
 request_timeout = "3s"
 "#,
+            ttl = self.lease_ttl_secs,
             id = self.worker_id,
             metrics = self.metrics_port,
             etcd = self.etcd,
@@ -332,7 +346,15 @@ impl CoordinatorSettings {
     pub fn to_toml(&self) -> String {
         format!(
             r#"listen = "127.0.0.1:{port}"
-assign_interval = "200ms"
+identity = "coordinator-{port}"
+
+[election]
+lease_ttl = "2s"
+
+[planner]
+debounce = "100ms"
+max_delay = "1s"
+resync_interval = "2s"
 
 [etcd]
 endpoints = ["{etcd}"]
@@ -399,6 +421,16 @@ impl CoordinatorProcess {
     /// SIGTERMs it, waits, and starts it again with the same settings.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.process.terminate().await;
+        self.start_again().await
+    }
+
+    /// SIGKILLs it.
+    pub async fn kill(&mut self) {
+        self.process.kill().await;
+    }
+
+    /// Starts it again after [`Self::kill`].
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
         self.process = Self::spawn(&self.settings, self.dir.path())?;
         self.wait_ready().await
     }

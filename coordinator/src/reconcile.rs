@@ -1,0 +1,166 @@
+//! The leader's reconcile loop: desired assignment (from the planner) against the assignments
+//! in etcd, applied with transactions.
+//!
+//! Triggered by any change under `workers/`, `subscriptions/` or `assignments/` (debounced, so
+//! a rolling restart is planned once), and by a periodic resync. Each round reads the registry,
+//! asks [`crate::planner::plan`] for the assignment (starting from the current one, so it is
+//! sticky), and writes only the difference: a move revokes the old assignment (the old owner's
+//! next cursor write fails its fence and its task stops) and creates the new one bound to the
+//! new worker's lease; an assignment to a dead worker or for a deleted subscription is removed.
+//! An empty diff writes nothing.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use etcd_client::{EventType, WatchOptions};
+use herald_proto::{SubscriptionId, WorkerId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::election::Leadership;
+use crate::metrics::Metrics;
+use crate::planner::{self, Subscription, Worker};
+use crate::registry::{Registry, RegistryError};
+
+/// How the loop paces itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Pacing {
+    /// Quiet time after a change before planning.
+    pub debounce: Duration,
+    /// Longest a burst of changes can postpone planning.
+    pub max_delay: Duration,
+    /// Planning happens at least this often.
+    pub resync: Duration,
+}
+
+/// What one round changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Round {
+    /// Assignments created.
+    pub assigned: usize,
+    /// Assignments revoked (moves, dead workers, deleted subscriptions).
+    pub revoked: usize,
+}
+
+/// One reconcile round.
+pub async fn reconcile_once(registry: &Registry, metrics: &Metrics) -> Result<Round, RegistryError> {
+    let started = std::time::Instant::now();
+    let records = registry.list().await?;
+    let assignments = registry.assignments().await?;
+    let workers = registry.workers().await?;
+    let leases: BTreeMap<WorkerId, i64> =
+        workers.iter().map(|w| (w.info.worker_id.clone(), w.lease)).collect();
+    let current: BTreeMap<SubscriptionId, WorkerId> = assignments
+        .iter()
+        .filter(|(id, w)| records.contains_key(*id) && leases.contains_key(*w))
+        .map(|(id, w)| (id.clone(), w.clone()))
+        .collect();
+    let subscriptions: Vec<Subscription> = records
+        .values()
+        .map(|r| Subscription { id: r.record.spec.id.clone(), chain: r.record.spec.chain_id, weight: 1 })
+        .collect();
+    let planned_workers: Vec<Worker> = workers
+        .iter()
+        .map(|w| Worker {
+            id: w.info.worker_id.clone(),
+            chains: w.info.chains.clone(),
+            capacity: w.info.capacity,
+        })
+        .collect();
+    let desired = planner::plan(&subscriptions, &planned_workers, &current);
+    metrics.plan_duration.observe(started.elapsed().as_secs_f64());
+    metrics.plan_runs.inc();
+
+    let mut round = Round::default();
+    for (id, worker) in &assignments {
+        if desired.get(id) != Some(worker) && registry.revoke(id, worker).await? {
+            round.revoked += 1;
+        }
+    }
+    for (id, worker) in &desired {
+        if assignments.get(id) == Some(worker) {
+            continue;
+        }
+        let Some(live) = workers.iter().find(|w| &w.info.worker_id == worker) else { continue };
+        if registry.assign(id, live).await? {
+            round.assigned += 1;
+        }
+    }
+    if round != Round::default() {
+        metrics.moves.inc_by(round.revoked as u64);
+        tracing::info!(assigned = round.assigned, revoked = round.revoked, "applied a new assignment");
+    }
+    Ok(round)
+}
+
+/// The leader's work: reconcile on changes until leadership ends.
+pub struct Reconciler {
+    /// etcd.
+    pub registry: Registry,
+    /// Pacing.
+    pub pacing: Pacing,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+impl Leadership for Reconciler {
+    async fn lead(&self, cancel: CancellationToken) {
+        let (tx, mut rx) = mpsc::channel::<()>(1);
+        let keys = self.registry.keys().clone();
+        for dir in [keys.workers_dir(), keys.subscriptions_dir(), keys.assignments_dir()] {
+            tokio::spawn(watch_changes(self.registry.clone(), dir, tx.clone(), cancel.clone()));
+        }
+        drop(tx);
+        loop {
+            if let Err(e) = reconcile_once(&self.registry, &self.metrics).await {
+                tracing::warn!(error = %e, "reconcile round failed; retrying at the next change or resync");
+            }
+            // Wait for a change (or the resync), then for quiet.
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = rx.recv() => {}
+                _ = tokio::time::sleep(self.pacing.resync) => continue,
+            }
+            let burst_end = tokio::time::Instant::now() + self.pacing.max_delay;
+            loop {
+                let quiet = tokio::time::sleep(self.pacing.debounce);
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep_until(burst_end) => break,
+                    _ = quiet => break,
+                    _ = rx.recv() => {}
+                }
+            }
+        }
+    }
+}
+
+/// Sends a notification for every change under `dir` (re-watching after failures).
+async fn watch_changes(registry: Registry, dir: String, tx: mpsc::Sender<()>, cancel: CancellationToken) {
+    while !cancel.is_cancelled() {
+        let mut client = registry.client();
+        let stream = client.watch(dir.as_str(), Some(WatchOptions::new().with_prefix())).await;
+        let Ok(mut stream) = stream else {
+            tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_millis(500)) => {} }
+            continue;
+        };
+        // A fresh watch may have missed changes: plan once more.
+        let _ = tx.try_send(());
+        loop {
+            let message = tokio::select! {
+                _ = cancel.cancelled() => return,
+                m = stream.message() => m,
+            };
+            match message {
+                Ok(Some(r)) if !r.canceled() => {
+                    if r.events().iter().any(|e| matches!(e.event_type(), EventType::Put | EventType::Delete))
+                    {
+                        let _ = tx.try_send(());
+                    }
+                }
+                _ => break,
+            }
+        }
+        tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_millis(200)) => {} }
+    }
+}
