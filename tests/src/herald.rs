@@ -129,6 +129,11 @@ impl WorkerProcess {
         self.process.kill().await;
     }
 
+    /// Sends `signal` (e.g. SIGSTOP, SIGCONT) without waiting.
+    pub fn signal(&self, signal: Signal) {
+        self.process.signal(signal);
+    }
+
     /// SIGTERMs it and waits; returns the exit code.
     pub async fn terminate(&mut self) -> Option<i32> {
         self.process.signal(Signal::SIGTERM);

@@ -29,12 +29,21 @@ fn body(stack: &Stack, i: u64) -> Value {
 /// Reads the whole stream and checks every subscription has exactly `rounds` messages, in
 /// order, with the values it should hear. Returns `None` while messages are missing.
 async fn check_stream(reader: &StreamReader, rounds: u64) -> anyhow::Result<Option<()>> {
+    check_subscriptions(reader, SUBSCRIPTIONS, rounds).await
+}
+
+/// [`check_stream`] for subscriptions `0..subscriptions`.
+async fn check_subscriptions(
+    reader: &StreamReader,
+    subscriptions: u64,
+    rounds: u64,
+) -> anyhow::Result<Option<()>> {
     let all = reader.read_all("herald.events.31337.>").await?;
     let mut by_sub: BTreeMap<String, Vec<&EventEnvelope>> = BTreeMap::new();
     for m in &all {
         by_sub.entry(m.subscription_id.to_string()).or_default().push(m);
     }
-    for i in 0..SUBSCRIPTIONS {
+    for i in 0..subscriptions {
         let id = format!("sub-{i:02}");
         let got = by_sub.get(&id).map(Vec::as_slice).unwrap_or_default();
         let values: Vec<u64> =
@@ -205,5 +214,70 @@ async fn leader_failover_and_etcd_restart() -> anyhow::Result<()> {
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", standby.log_tail()))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_worker_fences_itself_and_is_taken_over() -> anyhow::Result<()> {
+    use herald_tests::check::{assert_monotonic, cursor_history};
+    use nix::sys::signal::Signal;
+    init_tracing();
+    let stack = Stack::start().await?;
+    let c =
+        CoordinatorProcess::start(CoordinatorSettings::new(stack.etcd.endpoint(), stack.anvil.url())).await?;
+    let worker = |id: &str| {
+        let mut settings = stack.worker_settings(id);
+        settings.lease_ttl_secs = 3;
+        WorkerProcess::start(settings)
+    };
+    let (_a, b) = (worker("worker-a")?, worker("worker-b")?);
+    const SUBS: u64 = 10;
+    for i in 0..SUBS {
+        assert_eq!(c.post("/v1/subscriptions", &body(&stack, i)).await?.0, 201);
+    }
+    let reader = StreamReader::connect(&stack.nats.url()).await?;
+    let owned_by = |worker: &'static str| {
+        let c = &c;
+        async move {
+            let current = assignments(c).await.ok()?;
+            let n = current.values().filter(|w| w.as_deref() == Some(worker)).count();
+            Some((n, current.len()))
+        }
+    };
+    wait_for("both workers own subscriptions", TIMEOUT, || async {
+        let (b_owns, total) = owned_by("worker-b").await?;
+        (b_owns > 0 && total as u64 == SUBS).then_some(())
+    })
+    .await?;
+    emit_rounds(&stack, 2).await?;
+    wait_for("2 rounds", TIMEOUT, || async { check_subscriptions(&reader, SUBS, 2).await.unwrap() }).await?;
+
+    // Paused past its TTL: its subscriptions are taken over.
+    b.signal(Signal::SIGSTOP);
+    emit_rounds(&stack, 2).await?;
+    wait_for("worker-a owns everything", TIMEOUT, || async {
+        let (a_owns, _) = owned_by("worker-a").await?;
+        (a_owns as u64 == SUBS).then_some(())
+    })
+    .await?;
+    wait_for("4 rounds", TIMEOUT, || async { check_subscriptions(&reader, SUBS, 4).await.unwrap() }).await?;
+
+    // Woken: it fences itself instead of publishing or writing cursors for them.
+    b.signal(Signal::SIGCONT);
+    wait_for("worker-b to notice its lease is gone", TIMEOUT, || async {
+        let log = b.log();
+        (log.contains("lease deadline passed") || log.contains("worker lease lost")).then_some(())
+    })
+    .await?;
+    emit_rounds(&stack, 2).await?;
+    wait_for("6 rounds, no duplicates, in order", TIMEOUT, || async {
+        check_subscriptions(&reader, SUBS, 6).await.unwrap()
+    })
+    .await?;
+    let mut etcd = stack.etcd.client().await?;
+    for i in 0..SUBS {
+        let id = herald_proto::SubscriptionId::new(format!("sub-{i:02}"))?;
+        assert_monotonic(&cursor_history(&mut etcd, &id).await?);
+    }
     Ok(())
 }

@@ -106,6 +106,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         chains.insert(chain.chain_id, ChainHandle { rpc: Arc::new(rpc), config: chain.clone() });
     }
 
+    let lease = membership::LeaseClock::new();
     let membership = membership::Membership {
         store: store.clone(),
         info: membership::Membership::info(
@@ -114,12 +115,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             config.membership.capacity,
         ),
         ttl: config.membership.lease_ttl,
+        clock: lease.clone(),
     };
     let membership_stop = CancellationToken::new();
     let membership_task = tokio::spawn(membership.run(membership_stop.clone()));
 
-    let supervisor =
-        Supervisor { worker_id: config.worker_id.clone(), store, sink: Arc::new(sink), chains, metrics };
+    let supervisor = Supervisor {
+        worker_id: config.worker_id.clone(),
+        store,
+        sink: Arc::new(sink),
+        chains,
+        metrics,
+        lease,
+    };
     tracing::info!(worker_id = %config.worker_id, "worker running");
     supervisor.run(shutdown).await;
     // Leave the cluster only after every task stopped: revoking the lease releases the

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub fenced: IntCounter,
     /// Subscriptions this worker currently runs.
     pub assigned_subscriptions: IntGauge,
+    /// Publishes or cursor writes refused because the local lease deadline had passed.
+    pub self_fenced: IntCounter,
 }
 
 impl Metrics {
@@ -55,6 +57,12 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(assigned_subscriptions.clone())).expect("unique metric");
+        let self_fenced = IntCounter::new(
+            "herald_worker_self_fenced_total",
+            "Publishes or cursor writes refused because the local lease deadline had passed.",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(self_fenced.clone())).expect("unique metric");
         Self {
             events_published: counter_vec(
                 &registry,
@@ -101,6 +109,7 @@ impl Metrics {
             ),
             fenced,
             assigned_subscriptions,
+            self_fenced,
             registry,
         }
     }

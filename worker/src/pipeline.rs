@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::chain::{ChainRpc, LogQuery, RpcError};
 use crate::decode;
+use crate::membership::LeaseClock;
 use crate::metrics::Metrics;
 use crate::publish::EventSink;
 use crate::ranges::{confirmed_target, next_range};
@@ -50,6 +51,8 @@ pub struct SubscriptionTask<R, S, C> {
     pub rewind: Option<Rewind>,
     /// Which registration of the subscription id this is (its record's create revision).
     pub registration: u64,
+    /// The worker's local lease deadline: past it, nothing is published or committed.
+    pub lease: LeaseClock,
     /// How long to wait when caught up.
     pub poll_interval: Duration,
     /// Largest `eth_getLogs` span.
@@ -222,8 +225,8 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                     "log does not decode with the subscription's ABI; publishing it raw, flagged"
                 );
             }
-            if !self.publish(subject, &envelope, cancel).await {
-                return Ok(Step::Exit(Exit::Cancelled));
+            if let Err(exit) = self.publish(subject, &envelope, cancel).await {
+                return Ok(Step::Exit(exit));
             }
         }
 
@@ -237,18 +240,19 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         Ok(if to < target { Step::Continue } else { Step::Idle })
     }
 
-    /// Publishes until acknowledged; `false` if cancelled first.
+    /// Publishes until acknowledged; `Err` if cancelled or fenced first.
     async fn publish(
         &self,
         subject: &str,
         envelope: &herald_proto::EventEnvelope,
         cancel: &CancellationToken,
-    ) -> bool {
+    ) -> Result<(), Exit> {
         let labels = self.labels();
         let mut backoff = Backoff::network();
         loop {
+            self.check_lease()?;
             let result = tokio::select! {
-                _ = cancel.cancelled() => return false,
+                _ = cancel.cancelled() => return Err(Exit::Cancelled),
                 r = self.sink.publish(subject, envelope) => r,
             };
             match result {
@@ -261,7 +265,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                     if backoff.attempts() > 0 {
                         tracing::info!(attempts = backoff.attempts(), "publishing recovered");
                     }
-                    return true;
+                    return Ok(());
                 }
                 Err(e) => {
                     self.metrics.publish_errors.with_label_values(&labels).inc();
@@ -269,7 +273,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                         tracing::warn!(error = %e, block = envelope.block_number, "publish failed, retrying with backoff");
                     }
                     if !pause(&mut backoff, cancel).await {
-                        return false;
+                        return Err(Exit::Cancelled);
                     }
                 }
             }
@@ -285,6 +289,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
     async fn commit(&self, cursor: &Cursor, cancel: &CancellationToken) -> Result<(), Exit> {
         let mut backoff = Backoff::network();
         loop {
+            self.check_lease()?;
             let result = self.store.commit_cursor(&self.ownership, cursor).await;
             match result {
                 Ok(()) => return Ok(()),
@@ -306,6 +311,17 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 }
             }
         }
+    }
+
+    /// Refuses to act past the local lease deadline: another worker may own the
+    /// subscription by now.
+    fn check_lease(&self) -> Result<(), Exit> {
+        if self.lease.is_valid() {
+            return Ok(());
+        }
+        self.metrics.self_fenced.inc();
+        tracing::warn!("lease deadline passed; this worker fences itself and stops the subscription");
+        Err(Exit::Fenced)
     }
 
     /// Runs one chain call unless cancelled first (`Ok(None)`), counting its outcome.
@@ -495,6 +511,7 @@ mod tests {
             spec,
             rewind: None,
             registration: 1,
+            lease: LeaseClock::always_valid(),
             poll_interval: Duration::from_millis(5),
             max_block_range,
         }

@@ -21,6 +21,7 @@ use tracing::Instrument;
 
 use crate::chain::AlloyRpc;
 use crate::config::ChainConfig;
+use crate::membership::LeaseClock;
 use crate::metrics::Metrics;
 use crate::pipeline::{Exit, SubscriptionTask};
 use crate::publish::JetStreamSink;
@@ -29,6 +30,8 @@ use crate::store::{EtcdStore, Ownership, Versioned};
 
 /// How often assignments are re-listed even when the watch is healthy.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(15);
+/// How often tasks that ended or could not start are retried.
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A chain this worker serves.
 pub struct ChainHandle {
@@ -115,6 +118,8 @@ pub struct Supervisor {
     pub chains: HashMap<ChainId, ChainHandle>,
     /// Metrics.
     pub metrics: Metrics,
+    /// The local lease deadline; no task starts without a valid lease.
+    pub lease: LeaseClock,
 }
 
 impl Supervisor {
@@ -123,6 +128,13 @@ impl Supervisor {
         let mut running: BTreeMap<SubscriptionId, Running> = BTreeMap::new();
         let mut backoff = Backoff::network();
         'relist: while !cancel.is_cancelled() {
+            // Nothing runs without a lease: wait for the first registration.
+            while !self.lease.is_valid() {
+                tokio::select! {
+                    _ = cancel.cancelled() => break 'relist,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
             let Some((mut ownerships, assignments_revision)) =
                 retry("list assignments in etcd", &cancel, || self.store.assignments_of(&self.worker_id))
                     .await
@@ -153,10 +165,16 @@ impl Supervisor {
             backoff.reset();
             let resync = tokio::time::sleep(RESYNC_INTERVAL);
             tokio::pin!(resync);
+            // Tasks that ended (fenced, failed) or could not start (no lease) are retried here.
+            let mut retry_tick = tokio::time::interval(RETRY_INTERVAL);
             loop {
                 let response = tokio::select! {
                     _ = cancel.cancelled() => break 'relist,
                     _ = &mut resync => continue 'relist,
+                    _ = retry_tick.tick() => {
+                        self.reconcile(&mut running, &ownerships, &records, &cancel).await;
+                        continue;
+                    }
                     m = assignment_watch.message() => m,
                     m = record_watch.message() => m,
                 };
@@ -259,6 +277,10 @@ impl Supervisor {
 
     fn spawn(&self, key: TaskKey, versioned: &Versioned, cancel: &CancellationToken) -> Option<Running> {
         let id = key.ownership.subscription_id.clone();
+        if !self.lease.is_valid() {
+            tracing::info!(subscription_id = %id, "not starting: no valid lease yet");
+            return None;
+        }
         let spec = versioned.record.spec.clone();
         let event = match spec.compile() {
             Ok(e) => e,
@@ -280,6 +302,7 @@ impl Supervisor {
             event,
             rewind: versioned.record.rewind,
             registration: u64::try_from(versioned.create_revision).unwrap_or_default(),
+            lease: self.lease.clone(),
             poll_interval: chain.config.poll_interval,
             max_block_range: chain.config.max_block_range,
             spec,
