@@ -306,6 +306,17 @@ impl Registry {
         Ok(self.client.clone().txn(txn).await?.succeeded())
     }
 
+    /// Asks a live worker to drain and exit: a key bound to the worker's own lease, so it is
+    /// gone with the worker. Returns whether the worker is live.
+    pub async fn request_drain(&self, worker: &WorkerId) -> Result<bool, RegistryError> {
+        let Some(live) = self.workers().await?.into_iter().find(|w| &w.info.worker_id == worker) else {
+            return Ok(false);
+        };
+        let options = PutOptions::new().with_lease(live.lease);
+        self.client.clone().put(self.keys.drain(worker), "", Some(options)).await?;
+        Ok(true)
+    }
+
     /// A handle on the etcd client (cheap to clone).
     pub fn client(&self) -> Client {
         self.client.clone()

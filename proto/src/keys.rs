@@ -11,6 +11,7 @@
 //! | `<prefix>/cursors/<id>`               | `Cursor`               | owning worker (fenced)|
 //! | `<prefix>/coordinator/leader`         | leader identity        | coordinator election  |
 //! | `<prefix>/fingerprints/<hex>`         | subscription id        | coordinator (API)     |
+//! | `<prefix>/drains/<worker_id>`         | empty, worker's lease  | coordinator (API)     |
 //!
 //! A fingerprint key makes "the same chain + address + event + filters registered twice"
 //! detectable inside the creating transaction.
@@ -23,6 +24,7 @@ const ASSIGNMENTS: &str = "assignments";
 const CURSORS: &str = "cursors";
 const LEADER: &str = "coordinator/leader";
 const FINGERPRINTS: &str = "fingerprints";
+const DRAINS: &str = "drains";
 
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "/herald";
@@ -42,6 +44,8 @@ pub enum Key {
     Leader,
     /// `<prefix>/fingerprints/<hex>`
     Fingerprint(String),
+    /// `<prefix>/drains/<worker_id>`
+    Drain(WorkerId),
 }
 
 /// Why a key or prefix was rejected.
@@ -129,6 +133,10 @@ impl Keyspace {
     pub fn cursors_dir(&self) -> String {
         self.dir(CURSORS)
     }
+    /// `<prefix>/drains/<worker_id>`: a request that the worker drain and exit.
+    pub fn drain(&self, id: &WorkerId) -> String {
+        format!("{}{id}", self.dir(DRAINS))
+    }
     /// `<prefix>/fingerprints/<hex>`
     pub fn fingerprint(&self, hex: &str) -> String {
         format!("{}{hex}", self.dir(FINGERPRINTS))
@@ -154,6 +162,7 @@ impl Keyspace {
             ASSIGNMENTS => SubscriptionId::new(id).map(Key::Assignment).map_err(bad_id),
             CURSORS => SubscriptionId::new(id).map(Key::Cursor).map_err(bad_id),
             WORKERS => WorkerId::new(id).map(Key::Worker).map_err(bad_id),
+            DRAINS => WorkerId::new(id).map(Key::Drain).map_err(bad_id),
             FINGERPRINTS if !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit()) => {
                 Ok(Key::Fingerprint(id.to_owned()))
             }
@@ -214,6 +223,7 @@ mod tests {
             prop_assert_eq!(ks.parse(&ks.subscription(&s)).unwrap(), Key::Subscription(s.clone()));
             prop_assert_eq!(ks.parse(&ks.assignment(&s)).unwrap(), Key::Assignment(s.clone()));
             prop_assert_eq!(ks.parse(&ks.cursor(&s)).unwrap(), Key::Cursor(s.clone()));
+            prop_assert_eq!(ks.parse(&ks.drain(&w)).unwrap(), Key::Drain(w.clone()));
             prop_assert_eq!(ks.parse(&ks.worker(&w)).unwrap(), Key::Worker(w));
             prop_assert_eq!(ks.parse(&ks.leader()).unwrap(), Key::Leader);
             prop_assert_eq!(ks.parse(&ks.fingerprint("00ff")).unwrap(), Key::Fingerprint("00ff".into()));

@@ -140,6 +140,11 @@ impl WorkerProcess {
         self.process.wait().await
     }
 
+    /// Waits for it to exit by itself; returns the exit code.
+    pub async fn wait_exit(&mut self) -> Option<i32> {
+        self.process.wait().await
+    }
+
     /// Everything it logged.
     pub fn log(&self) -> String {
         self.process.log()

@@ -281,3 +281,62 @@ async fn a_paused_worker_fences_itself_and_is_taken_over() -> anyhow::Result<()>
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_drain_by_sigterm_and_by_api_hands_over_without_loss() -> anyhow::Result<()> {
+    init_tracing();
+    let stack = Stack::start().await?;
+    let c =
+        CoordinatorProcess::start(CoordinatorSettings::new(stack.etcd.endpoint(), stack.anvil.url())).await?;
+    let worker = |id: &str| WorkerProcess::start(stack.worker_settings(id));
+    let (mut a, mut b) = (worker("worker-a")?, worker("worker-b")?);
+    const SUBS: u64 = 10;
+    for i in 0..SUBS {
+        assert_eq!(c.post("/v1/subscriptions", &body(&stack, i)).await?.0, 201);
+    }
+    let reader = StreamReader::connect(&stack.nats.url()).await?;
+    let all_on = |worker: &'static str| {
+        let c = &c;
+        async move {
+            let current = assignments(c).await.ok()?;
+            current.values().all(|w| w.as_deref() == Some(worker)).then_some(())
+        }
+    };
+    wait_for("both workers own subscriptions", TIMEOUT, || async {
+        let current = assignments(&c).await.ok()?;
+        let on_b = current.values().filter(|w| w.as_deref() == Some("worker-b")).count();
+        (on_b > 0 && current.values().all(Option::is_some)).then_some(())
+    })
+    .await?;
+    emit_rounds(&stack, 2).await?;
+    wait_for("2 rounds", TIMEOUT, || async { check_subscriptions(&reader, SUBS, 2).await.unwrap() }).await?;
+
+    // Drain through the API: worker-b finishes, releases and exits by itself.
+    let (status, answer) = c.post("/v1/workers/worker-b/drain", &json!({})).await?;
+    assert_eq!((status, answer["draining"].as_bool()), (202, Some(true)), "{answer}");
+    let asked = Instant::now();
+    assert_eq!(tokio::time::timeout(TIMEOUT, b.wait_exit()).await?, Some(0), "{}", b.log_tail());
+    wait_for("worker-a owns everything", TIMEOUT, || all_on("worker-a")).await?;
+    tracing::info!(handoff = ?asked.elapsed(), "api drain handed over");
+    emit_rounds(&stack, 2).await?;
+    wait_for("4 rounds", TIMEOUT, || async { check_subscriptions(&reader, SUBS, 4).await.unwrap() }).await?;
+    assert_eq!(c.post("/v1/workers/worker-b/drain", &json!({})).await?.0, 404);
+
+    // SIGTERM: the same handoff.
+    let _c_worker = worker("worker-c")?;
+    wait_for("worker-c owns some", TIMEOUT, || async {
+        let current = assignments(&c).await.ok()?;
+        current.values().any(|w| w.as_deref() == Some("worker-c")).then_some(())
+    })
+    .await?;
+    let terminated = Instant::now();
+    assert_eq!(a.terminate().await, Some(0), "{}", a.log_tail());
+    wait_for("worker-c owns everything", TIMEOUT, || all_on("worker-c")).await?;
+    tracing::info!(handoff = ?terminated.elapsed(), "sigterm drain handed over");
+    emit_rounds(&stack, 2).await?;
+    wait_for("6 rounds, none lost, none duplicated", TIMEOUT, || async {
+        check_subscriptions(&reader, SUBS, 6).await.unwrap()
+    })
+    .await?;
+    Ok(())
+}

@@ -120,6 +120,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let membership_stop = CancellationToken::new();
     let membership_task = tokio::spawn(membership.run(membership_stop.clone()));
 
+    tokio::spawn(watch_drain_request(store.clone(), config.worker_id.clone(), shutdown.clone()));
+
     let supervisor = Supervisor {
         worker_id: config.worker_id.clone(),
         store,
@@ -136,6 +138,47 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let _ = membership_task.await;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Turns a drain request (`POST /v1/workers/{id}/drain` writes `<prefix>/drains/<id>`) into
+/// the same graceful shutdown as SIGTERM.
+async fn watch_drain_request(
+    store: store::EtcdStore,
+    worker: herald_proto::WorkerId,
+    shutdown: CancellationToken,
+) {
+    let key = store.keys().drain(&worker);
+    while !shutdown.is_cancelled() {
+        let mut client = store.client();
+        let requested = async {
+            let existing = client.get(key.as_str(), None).await?;
+            if existing.count() > 0 {
+                return Ok::<bool, etcd_client::Error>(true);
+            }
+            let options = etcd_client::WatchOptions::new()
+                .with_start_revision(existing.header().map_or(0, |h| h.revision()) + 1);
+            let mut watch = client.watch(key.as_str(), Some(options)).await?;
+            while let Some(response) = watch.message().await? {
+                if response.events().iter().any(|e| e.event_type() == etcd_client::EventType::Put) {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        };
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = requested => r,
+        };
+        if let Ok(true) = outcome {
+            tracing::info!("drain requested through the admin API; shutting down gracefully");
+            shutdown.cancel();
+            return;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Metrics, shutdown: CancellationToken) {

@@ -27,8 +27,12 @@ use crate::store::{CursorStore, Ownership, StoreError};
 pub enum Exit {
     /// Shutdown or revocation: the task was asked to stop.
     Cancelled,
-    /// A cursor write was refused: another owner holds the subscription now.
+    /// A cursor write was refused, or the lease deadline passed: another owner may hold the
+    /// subscription now.
     Fenced,
+    /// Graceful shutdown: the task finished its block range (published, acknowledged,
+    /// committed) and stopped before the next one.
+    Drained,
 }
 
 /// Everything one subscription task works with.
@@ -81,9 +85,14 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         [self.spec.chain_id.to_string(), self.spec.id.to_string()]
     }
 
-    /// Runs until cancelled or fenced.
-    pub async fn run(self, cancel: CancellationToken) -> Exit {
-        let Some(Resume { mut next, epoch }) = self.resume_point(&cancel).await else {
+    /// Runs until cancelled (stop now), drained (stop after the current block range, with its
+    /// cursor committed) or fenced.
+    pub async fn run(self, cancel: CancellationToken, drain: CancellationToken) -> Exit {
+        let resume = tokio::select! {
+            _ = drain.cancelled() => return Exit::Drained,
+            r = self.resume_point(&cancel) => r,
+        };
+        let Some(Resume { mut next, epoch }) = resume else {
             return Exit::Cancelled;
         };
         let subject = self.spec.subject();
@@ -106,6 +115,10 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
 
         let mut backoff = Backoff::network();
         loop {
+            if drain.is_cancelled() {
+                tracing::info!(cursor = next.saturating_sub(1), "drained");
+                return Exit::Drained;
+            }
             let step = self.step(&mut next, epoch, &mut published_through, &subject, &cancel).await;
             match step {
                 Ok(Step::Continue) => backoff.reset(),
@@ -113,6 +126,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                     backoff.reset();
                     tokio::select! {
                         _ = cancel.cancelled() => return Exit::Cancelled,
+                        _ = drain.cancelled() => {}
                         _ = tokio::time::sleep(self.poll_interval) => {}
                     }
                 }
@@ -523,7 +537,7 @@ mod tests {
         block: u64,
     ) {
         let cancel = CancellationToken::new();
-        let handle = tokio::spawn(t.run(cancel.clone()));
+        let handle = tokio::spawn(t.run(cancel.clone(), CancellationToken::new()));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while store.commits.lock().unwrap().last().is_none_or(|c| c.block_number < block) {
             assert!(tokio::time::Instant::now() < deadline, "cursor never reached {block}");
@@ -601,7 +615,7 @@ mod tests {
             logs_by_block: BTreeMap::new(),
         });
         let chain = FakeChain { head: 3, logs: vec![] };
-        let exit = task(chain, sink, store, 10).run(CancellationToken::new()).await;
+        let exit = task(chain, sink, store, 10).run(CancellationToken::new(), CancellationToken::new()).await;
         assert_eq!(exit, Exit::Fenced);
     }
 }

@@ -30,6 +30,8 @@ use crate::store::{EtcdStore, Ownership, Versioned};
 
 /// How often assignments are re-listed even when the watch is healthy.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(15);
+/// How long a graceful shutdown waits for tasks to finish their block range.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often tasks that ended or could not start are retried.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -102,7 +104,10 @@ pub fn plan<K: PartialEq>(
 
 struct Running {
     key: TaskKey,
+    /// Stop at the next await (revocation).
     cancel: CancellationToken,
+    /// Stop after the current block range (graceful shutdown).
+    drain: CancellationToken,
     handle: JoinHandle<Exit>,
 }
 
@@ -146,7 +151,7 @@ impl Supervisor {
             else {
                 break;
             };
-            self.reconcile(&mut running, &ownerships, &records, &cancel).await;
+            self.reconcile(&mut running, &ownerships, &records).await;
             let watches = futures::future::try_join(
                 self.store.watch_assignments(assignments_revision),
                 self.store.watch_records(records_revision),
@@ -172,7 +177,7 @@ impl Supervisor {
                     _ = cancel.cancelled() => break 'relist,
                     _ = &mut resync => continue 'relist,
                     _ = retry_tick.tick() => {
-                        self.reconcile(&mut running, &ownerships, &records, &cancel).await;
+                        self.reconcile(&mut running, &ownerships, &records).await;
                         continue;
                     }
                     m = assignment_watch.message() => m,
@@ -235,13 +240,23 @@ impl Supervisor {
                         _ => {}
                     }
                 }
-                self.reconcile(&mut running, &ownerships, &records, &cancel).await;
+                self.reconcile(&mut running, &ownerships, &records).await;
             }
         }
-        tracing::info!(tasks = running.len(), "stopping subscription tasks");
-        for (_, task) in running {
-            task.cancel.cancel();
-            let _ = task.handle.await;
+        // Graceful: every task finishes its block range and commits, then stops. Whatever has
+        // not drained by the deadline is stopped at once (its range is replayed by the next
+        // owner and deduplicated).
+        tracing::info!(tasks = running.len(), "draining subscription tasks");
+        for task in running.values() {
+            task.drain.cancel();
+        }
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        for (id, mut task) in running {
+            if tokio::time::timeout_at(deadline, &mut task.handle).await.is_err() {
+                tracing::warn!(subscription_id = %id, "did not drain in time; stopping it");
+                task.cancel.cancel();
+                let _ = task.handle.await;
+            }
         }
         self.metrics.assigned_subscriptions.set(0);
     }
@@ -251,7 +266,6 @@ impl Supervisor {
         running: &mut BTreeMap<SubscriptionId, Running>,
         ownerships: &BTreeMap<SubscriptionId, Ownership>,
         records: &BTreeMap<SubscriptionId, Versioned>,
-        cancel: &CancellationToken,
     ) {
         let desired = desired_tasks(ownerships, records);
         let current: BTreeMap<_, _> = running.iter().map(|(id, r)| (id.clone(), r.key.clone())).collect();
@@ -268,14 +282,14 @@ impl Supervisor {
         futures::future::join_all(stopping.into_iter().map(|t| t.handle)).await;
         for id in changes.start {
             let key = desired[&id].clone();
-            if let Some(task) = self.spawn(key, &records[&id], cancel) {
+            if let Some(task) = self.spawn(key, &records[&id]) {
                 running.insert(id, task);
             }
         }
         self.metrics.assigned_subscriptions.set(running.len() as i64);
     }
 
-    fn spawn(&self, key: TaskKey, versioned: &Versioned, cancel: &CancellationToken) -> Option<Running> {
+    fn spawn(&self, key: TaskKey, versioned: &Versioned) -> Option<Running> {
         let id = key.ownership.subscription_id.clone();
         if !self.lease.is_valid() {
             tracing::info!(subscription_id = %id, "not starting: no valid lease yet");
@@ -307,10 +321,11 @@ impl Supervisor {
             max_block_range: chain.config.max_block_range,
             spec,
         };
-        let child = cancel.child_token();
+        // Independent of the shutdown token: shutdown drains, only revocation cancels.
+        let (child, drain) = (CancellationToken::new(), CancellationToken::new());
         let span = tracing::info_span!("subscription", subscription_id = %id, chain_id = chain.config.chain_id, generation = key.ownership.generation);
-        let handle = tokio::spawn(task.run(child.clone()).instrument(span));
-        Some(Running { key, cancel: child, handle })
+        let handle = tokio::spawn(task.run(child.clone(), drain.clone()).instrument(span));
+        Some(Running { key, cancel: child, drain, handle })
     }
 }
 

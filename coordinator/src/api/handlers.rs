@@ -537,6 +537,40 @@ pub async fn list_workers(State(state): State<AppState>) -> Result<Json<Vec<Work
     Ok(Json(out))
 }
 
+/// Answer to a drain request.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DrainView {
+    /// The worker asked to drain.
+    pub worker_id: String,
+    /// Always true: the worker finishes its block ranges, commits its cursors, releases its
+    /// subscriptions and exits.
+    pub draining: bool,
+}
+
+/// Asks a worker to drain gracefully, as SIGTERM does: it finishes its in-flight block ranges,
+/// commits its cursors, releases its subscriptions (which move at once) and exits.
+#[utoipa::path(
+    post, path = "/v1/workers/{id}/drain", tag = "cluster",
+    params(("id" = String, Path, description = "Worker id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Drain requested", body = DrainView),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Token may not write", body = ErrorBody),
+        (status = 404, description = "No such live worker", body = ErrorBody),
+        (status = 503, description = "Registry unavailable", body = ErrorBody),
+    )
+)]
+pub async fn drain_worker(State(state): State<AppState>, IdPath(id): IdPath) -> Result<Response, ApiError> {
+    let worker = WorkerId::new(id.clone()).map_err(|_| ApiError::not_found(format!("worker {id:?}")))?;
+    if !state.registry.request_drain(&worker).await.map_err(registry_error)? {
+        return Err(ApiError::not_found(format!("live worker {worker}")));
+    }
+    tracing::info!(worker_id = %worker, "drain requested");
+    let view = DrainView { worker_id: worker.to_string(), draining: true };
+    Ok((StatusCode::ACCEPTED, Json(view)).into_response())
+}
+
 /// Configured chains and their heads.
 #[utoipa::path(
     get, path = "/v1/chains", tag = "cluster",

@@ -55,6 +55,7 @@ pub struct AppState {
         handlers::resume_subscription,
         handlers::rewind_subscription,
         handlers::list_workers,
+        handlers::drain_worker,
         handlers::list_chains,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
@@ -86,6 +87,7 @@ pub fn router(state: AppState, tokens: Tokens) -> Router {
         .route("/v1/subscriptions/{id}/resume", post(handlers::resume_subscription))
         .route("/v1/subscriptions/{id}/rewind", post(handlers::rewind_subscription))
         .route("/v1/workers", get(handlers::list_workers))
+        .route("/v1/workers/{id}/drain", post(handlers::drain_worker))
         .route("/v1/chains", get(handlers::list_chains))
         .route("/v1/openapi.json", get(handlers::openapi))
         .route("/healthz", get(handlers::healthz))
