@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 DEMO_SECONDS ?=
 export DEMO_SECONDS
 
-.PHONY: deps build demo test test-unit api-fuzz lint fmt contracts
+.PHONY: deps build demo test test-unit api-fuzz bench lint fmt contracts
 
 deps:
 	@bash scripts/install-deps.sh
@@ -29,6 +29,12 @@ test: build
 ## schemathesis against a live coordinator (all checks); last line: api fuzz: N requests, M server errors, K schema violations.
 api-fuzz: build
 	@cargo run -q -p herald-tests --bin herald-api-fuzz
+
+## Benchmarks: one line per scenario, `bench: <name> ... ratio=<figure/target>`. BENCH=<name> runs one.
+BENCH ?=
+export BENCH
+bench: build
+	@cargo run -q -p herald-tests --bin herald-bench
 
 ## Unit tests only (no services).
 test-unit:

@@ -1,6 +1,7 @@
 //! The pure assignment solver; see `README.md` beside this file for the goals.
 
-use std::collections::BTreeSet;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 /// A subscription, as the solver sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +61,40 @@ impl State<'_> {
         self.owned[k].remove(at);
     }
 
+    /// Places every unassigned subscription, in order, on the least loaded worker (lowest id
+    /// on ties) that fits it. One lazy min-heap of (load, worker) per chain: loads only grow
+    /// while placing, so a stale entry underestimates and is refreshed when popped.
+    fn place_unassigned(&mut self) {
+        let mut heaps: BTreeMap<u64, BinaryHeap<Reverse<(u64, usize)>>> = BTreeMap::new();
+        for s in 0..self.problem.subscriptions.len() {
+            if self.owner[s].is_some() {
+                continue;
+            }
+            let chain = self.problem.subscriptions[s].chain;
+            let heap = heaps.entry(chain).or_insert_with(|| {
+                (0..self.load.len())
+                    .filter(|&k| self.problem.workers[k].chains.contains(&chain))
+                    .map(|k| Reverse((self.load[k], k)))
+                    .collect()
+            });
+            let mut full = Vec::new();
+            while let Some(Reverse((load, k))) = heap.pop() {
+                if load != self.load[k] {
+                    heap.push(Reverse((self.load[k], k)));
+                } else if self.fits(s, k) {
+                    self.owner[s] = Some(k);
+                    self.load[k] += u64::from(self.problem.subscriptions[s].weight);
+                    self.owned[k].push(s);
+                    heap.push(Reverse((self.load[k], k)));
+                    break;
+                } else {
+                    full.push(Reverse((load, k)));
+                }
+            }
+            heap.extend(full);
+        }
+    }
+
     /// The best improving move, if any: from the most loaded worker that has one, the last
     /// subscription it can give to the least loaded eligible worker.
     fn best_move(&self) -> Option<(usize, usize, usize)> {
@@ -107,15 +142,7 @@ pub fn solve(problem: &Problem, previous: &[Option<usize>]) -> Solution {
     }
     loop {
         // 2. Place the rest on the least loaded eligible worker.
-        for s in 0..problem.subscriptions.len() {
-            if state.owner[s].is_some() {
-                continue;
-            }
-            let best = (0..workers).filter(|&k| state.fits(s, k)).min_by_key(|&k| (state.load[k], k));
-            if let Some(k) = best {
-                state.place(s, k);
-            }
-        }
+        state.place_unassigned();
         // 3. Improve balance one move at a time. A move can free capacity on a full worker,
         //    so placing is tried again until neither places nor moves anything.
         let mut moved = false;

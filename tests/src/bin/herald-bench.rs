@@ -1,0 +1,168 @@
+//! `make bench`: herald's benchmark scenarios. Each prints one line
+//! `bench: <name> key=value ... ratio=<figure / target>`; ratio <= 1 is on target. Figures are
+//! measured in this run on this machine; nothing here asserts a time.
+//!
+//! `BENCH=<name>` runs one scenario: `planner`, `takeover`, `drain`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use herald_coordinator::planner::solve::{Load, Problem, Slot, solve};
+use herald_proto::SubscriptionId;
+use herald_tests::chain::TRANSFER_EVENT;
+use herald_tests::herald::{CoordinatorProcess, CoordinatorSettings, read_cursor};
+use herald_tests::{Stack, WorkerProcess, wait_for};
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn planner() {
+    const SUBSCRIPTIONS: usize = 100_000;
+    const WORKERS: usize = 100;
+    let problem = |workers: usize| Problem {
+        subscriptions: vec![Load { chain: 1, weight: 1 }; SUBSCRIPTIONS],
+        workers: vec![Slot { chains: [1].into(), capacity: 0 }; workers],
+    };
+    let base = problem(WORKERS);
+    let started = Instant::now();
+    let first = solve(&base, &[]);
+    let plan_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let joined = problem(WORKERS + 1);
+    let started = Instant::now();
+    let after = solve(&joined, &first);
+    let join_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let moved = first.iter().zip(&after).filter(|(a, b)| a != b).count();
+    let ideal = SUBSCRIPTIONS as f64 / (WORKERS + 1) as f64;
+    let time_ratio = plan_ms.max(join_ms) / 50.0;
+    let move_ratio = moved as f64 / ideal / 1.1;
+    println!(
+        "bench: planner subscriptions={SUBSCRIPTIONS} workers={WORKERS} plan_ms={plan_ms:.1} join_plan_ms={join_ms:.1} \
+         target_ms=50 moved_on_join={moved} ideal_moves={ideal:.0} move_ratio_vs_ideal={:.3} target_move_ratio=1.1 \
+         ratio={:.3}",
+        moved as f64 / ideal,
+        time_ratio.max(move_ratio)
+    );
+}
+
+fn body(stack: &Stack, i: u64) -> serde_json::Value {
+    json!({
+        "id": format!("bench-{i:02}"), "chain_id": 31337, "address": stack.chain.contract.to_string(),
+        "event": TRANSFER_EVENT, "start_block": 0,
+        "filters": {"from": [format!("0x{:040x}", 0x1000 + i)]},
+    })
+}
+
+async fn owned_by(c: &CoordinatorProcess, worker: &str) -> anyhow::Result<Vec<String>> {
+    let (_, page) = c.get("/v1/subscriptions?limit=1000").await?;
+    Ok(page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["assigned_worker"] == worker)
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect())
+}
+
+/// Waits until each subscription in `ids` has committed a cursor at or past `block`: it is
+/// publishing again (whoever owns it).
+async fn wait_publishing(stack: &Stack, ids: &[String], block: u64) -> anyhow::Result<()> {
+    let etcd = stack.etcd.client().await?;
+    for id in ids {
+        let id = SubscriptionId::new(id.clone())?;
+        wait_for(&format!("{id} past block {block}"), TIMEOUT, || {
+            let mut etcd = etcd.clone();
+            let id = &id;
+            async move { (read_cursor(&mut etcd, id).await.ok()??.block_number >= block).then_some(()) }
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+async fn cluster(
+    subscriptions: u64,
+    workers: &[&str],
+    ttl: u64,
+) -> anyhow::Result<(Stack, CoordinatorProcess, BTreeMap<String, WorkerProcess>)> {
+    let stack = Stack::start().await?;
+    let c =
+        CoordinatorProcess::start(CoordinatorSettings::new(stack.etcd.endpoint(), stack.anvil.url())).await?;
+    let mut started = BTreeMap::new();
+    for w in workers {
+        let mut settings = stack.worker_settings(w);
+        settings.lease_ttl_secs = ttl;
+        started.insert((*w).to_owned(), WorkerProcess::start(settings)?);
+    }
+    for i in 0..subscriptions {
+        anyhow::ensure!(c.post("/v1/subscriptions", &body(&stack, i)).await?.0 == 201);
+    }
+    let head = stack.chain.emit_many(subscriptions).await?;
+    let ids: Vec<String> = (0..subscriptions).map(|i| format!("bench-{i:02}")).collect();
+    wait_publishing(&stack, &ids, head).await?;
+    Ok((stack, c, started))
+}
+
+async fn takeover() -> anyhow::Result<()> {
+    const TTL: u64 = 3;
+    let (stack, c, mut workers) = cluster(30, &["bench-a", "bench-b", "bench-c"], TTL).await?;
+    let victims = owned_by(&c, "bench-c").await?;
+    let killed = Instant::now();
+    workers.get_mut("bench-c").unwrap().kill().await;
+    let block = stack.chain.emit_many(30).await?;
+    wait_publishing(&stack, &victims, block).await?;
+    let seconds = killed.elapsed().as_secs_f64();
+    let target = TTL as f64 + 1.0;
+    println!(
+        "bench: takeover lease_ttl_s={TTL} subscriptions_moved={} takeover_s={seconds:.2} target_s={target:.1} ratio={:.3}",
+        victims.len(),
+        seconds / target
+    );
+    Ok(())
+}
+
+async fn drain() -> anyhow::Result<()> {
+    const SAMPLES: usize = 8;
+    let (stack, c, mut workers) = cluster(20, &["bench-a", "bench-b"], 10).await?;
+    let mut samples = Vec::with_capacity(SAMPLES);
+    for n in 0..SAMPLES {
+        // Drain whichever worker is oldest; a new one joins to keep two.
+        let (name, mut leaving) = workers.pop_first().unwrap();
+        let owned = owned_by(&c, &name).await?;
+        let started = Instant::now();
+        leaving.terminate().await;
+        let block = stack.chain.emit_many(20).await?;
+        wait_publishing(&stack, &owned, block).await?;
+        samples.push(started.elapsed().as_secs_f64());
+        let fresh = format!("bench-n{n}");
+        workers.insert(fresh.clone(), WorkerProcess::start(stack.worker_settings(&fresh))?);
+        wait_for("the new worker to own subscriptions", TIMEOUT, || async {
+            (!owned_by(&c, &fresh).await.ok()?.is_empty()).then_some(())
+        })
+        .await?;
+    }
+    samples.sort_by(f64::total_cmp);
+    let p50 = samples[samples.len() / 2];
+    let p99 = samples[samples.len() - 1];
+    println!("bench: drain samples={SAMPLES} p50_s={p50:.3} p99_s={p99:.3} target_p99_s=1.0 ratio={p99:.3}");
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let only = std::env::var("BENCH").ok().filter(|b| !b.is_empty());
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    let known = ["planner", "takeover", "drain"];
+    if let Some(o) = &only {
+        anyhow::ensure!(known.contains(&o.as_str()), "unknown BENCH={o}; known: {known:?}");
+    }
+    if wanted("planner") {
+        planner();
+    }
+    if wanted("takeover") {
+        takeover().await?;
+    }
+    if wanted("drain") {
+        drain().await?;
+    }
+    Ok(())
+}
