@@ -1,12 +1,15 @@
 //! The leader's reconcile loop: desired assignment (from the planner) against the assignments
 //! in etcd, applied with transactions.
 //!
-//! Triggered by any change under `workers/`, `subscriptions/` or `assignments/` (debounced, so
+//! Triggered by any change under `workers/`, `subscriptions/`, `assignments/` or `owners/`
+//! (debounced, so
 //! a rolling restart is planned once), and by a periodic resync. Each round reads the registry,
 //! asks [`crate::planner::plan`] for the assignment (starting from the current one, so it is
 //! sticky), and writes only the difference: a move revokes the old assignment (the old owner's
-//! next cursor write fails its fence and its task stops) and creates the new one bound to the
-//! new worker's lease; an assignment to a dead worker or for a deleted subscription is removed.
+//! task stops; its cursor writes are refused from then on) and, once the old owner has released
+//! the subscription (its `owners/` key is gone: task ended after its last cursor write, or its
+//! lease expired), creates the new one bound to the new worker's lease. An assignment to a dead
+//! worker or for a deleted subscription is removed.
 //! An empty diff writes nothing.
 
 use std::collections::BTreeMap;
@@ -42,18 +45,27 @@ pub struct Round {
     pub revoked: usize,
 }
 
-/// One reconcile round.
-pub async fn reconcile_once(registry: &Registry, metrics: &Metrics) -> Result<Round, RegistryError> {
+/// One reconcile round. `pending` carries handoffs across rounds: a subscription revoked from
+/// its old owner waits, unassigned, until that owner releases it; meanwhile the planner treats
+/// the intended new owner as its owner, so the decision is not made again differently.
+pub async fn reconcile_once(
+    registry: &Registry,
+    metrics: &Metrics,
+    pending: &mut BTreeMap<SubscriptionId, WorkerId>,
+) -> Result<Round, RegistryError> {
     let started = std::time::Instant::now();
     let records = registry.list().await?;
     let assignments = registry.assignments().await?;
     let workers = registry.workers().await?;
     let leases: BTreeMap<WorkerId, i64> =
         workers.iter().map(|w| (w.info.worker_id.clone(), w.lease)).collect();
+    pending
+        .retain(|id, w| records.contains_key(id) && leases.contains_key(w) && !assignments.contains_key(id));
     let current: BTreeMap<SubscriptionId, WorkerId> = assignments
         .iter()
         .filter(|(id, w)| records.contains_key(*id) && leases.contains_key(*w))
         .map(|(id, w)| (id.clone(), w.clone()))
+        .chain(pending.iter().map(|(id, w)| (id.clone(), w.clone())))
         .collect();
     let subscriptions: Vec<Subscription> = records
         .values()
@@ -84,6 +96,9 @@ pub async fn reconcile_once(registry: &Registry, metrics: &Metrics) -> Result<Ro
         let Some(live) = workers.iter().find(|w| &w.info.worker_id == worker) else { continue };
         if registry.assign(id, live).await? {
             round.assigned += 1;
+            pending.remove(id);
+        } else {
+            pending.insert(id.clone(), worker.clone());
         }
     }
     if round != Round::default() {
@@ -107,12 +122,13 @@ impl Leadership for Reconciler {
     async fn lead(&self, cancel: CancellationToken) {
         let (tx, mut rx) = mpsc::channel::<()>(1);
         let keys = self.registry.keys().clone();
-        for dir in [keys.workers_dir(), keys.subscriptions_dir(), keys.assignments_dir()] {
+        for dir in [keys.workers_dir(), keys.subscriptions_dir(), keys.assignments_dir(), keys.owners_dir()] {
             tokio::spawn(watch_changes(self.registry.clone(), dir, tx.clone(), cancel.clone()));
         }
         drop(tx);
+        let mut pending = BTreeMap::new();
         loop {
-            if let Err(e) = reconcile_once(&self.registry, &self.metrics).await {
+            if let Err(e) = reconcile_once(&self.registry, &self.metrics, &mut pending).await {
                 tracing::warn!(error = %e, "reconcile round failed; retrying at the next change or resync");
             }
             // Wait for a change (or the resync), then for quiet.

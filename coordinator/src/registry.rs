@@ -324,16 +324,30 @@ impl Registry {
 
     /// Assigns a subscription to a worker, bound to the worker's lease, if it is unassigned
     /// and still exists. Returns whether it was written.
+    ///
+    /// The previous owner must have released the subscription (its owner key is gone: its task
+    /// ended, or its lease expired), unless the owner key already names this worker.
     pub async fn assign(&self, id: &SubscriptionId, worker: &LiveWorker) -> Result<bool, RegistryError> {
         let key = self.keys.assignment(id);
+        let owner = self.keys.owner(id);
         let value =
             serde_json::to_vec(&Assignment { worker_id: worker.info.worker_id.clone() }).expect("serialises");
+        let mut client = self.client.clone();
+        let held_by = client.get(owner.as_str(), None).await?;
+        let owner_guard = match held_by.kvs().first() {
+            None => Compare::create_revision(owner.as_str(), CompareOp::Equal, 0),
+            Some(kv) if kv.value() == worker.info.worker_id.as_str().as_bytes() => {
+                Compare::value(owner.as_str(), CompareOp::Equal, kv.value())
+            }
+            Some(_) => return Ok(false),
+        };
         let txn = Txn::new()
             .when([
                 Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
                 Compare::create_revision(self.keys.subscription(id), CompareOp::Greater, 0),
+                owner_guard,
             ])
             .and_then([TxnOp::put(key.as_str(), value, Some(PutOptions::new().with_lease(worker.lease)))]);
-        Ok(self.client.clone().txn(txn).await?.succeeded())
+        Ok(client.txn(txn).await?.succeeded())
     }
 }

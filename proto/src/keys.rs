@@ -12,6 +12,7 @@
 //! | `<prefix>/coordinator/leader`         | leader identity        | coordinator election  |
 //! | `<prefix>/fingerprints/<hex>`         | subscription id        | coordinator (API)     |
 //! | `<prefix>/drains/<worker_id>`         | empty, worker's lease  | coordinator (API)     |
+//! | `<prefix>/owners/<id>`                | worker id, its lease   | the running worker    |
 //!
 //! A fingerprint key makes "the same chain + address + event + filters registered twice"
 //! detectable inside the creating transaction.
@@ -25,6 +26,7 @@ const CURSORS: &str = "cursors";
 const LEADER: &str = "coordinator/leader";
 const FINGERPRINTS: &str = "fingerprints";
 const DRAINS: &str = "drains";
+const OWNERS: &str = "owners";
 
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "/herald";
@@ -46,6 +48,8 @@ pub enum Key {
     Fingerprint(String),
     /// `<prefix>/drains/<worker_id>`
     Drain(WorkerId),
+    /// `<prefix>/owners/<id>`
+    Owner(SubscriptionId),
 }
 
 /// Why a key or prefix was rejected.
@@ -133,6 +137,15 @@ impl Keyspace {
     pub fn cursors_dir(&self) -> String {
         self.dir(CURSORS)
     }
+    /// `<prefix>/owners/<id>`: held by the worker actually running the subscription, from
+    /// before its task starts until after it ended; a new owner is assigned only once it is gone.
+    pub fn owner(&self, id: &SubscriptionId) -> String {
+        format!("{}{id}", self.dir(OWNERS))
+    }
+    /// `<prefix>/owners/`
+    pub fn owners_dir(&self) -> String {
+        self.dir(OWNERS)
+    }
     /// `<prefix>/drains/<worker_id>`: a request that the worker drain and exit.
     pub fn drain(&self, id: &WorkerId) -> String {
         format!("{}{id}", self.dir(DRAINS))
@@ -163,6 +176,7 @@ impl Keyspace {
             CURSORS => SubscriptionId::new(id).map(Key::Cursor).map_err(bad_id),
             WORKERS => WorkerId::new(id).map(Key::Worker).map_err(bad_id),
             DRAINS => WorkerId::new(id).map(Key::Drain).map_err(bad_id),
+            OWNERS => SubscriptionId::new(id).map(Key::Owner).map_err(bad_id),
             FINGERPRINTS if !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit()) => {
                 Ok(Key::Fingerprint(id.to_owned()))
             }
@@ -223,6 +237,7 @@ mod tests {
             prop_assert_eq!(ks.parse(&ks.subscription(&s)).unwrap(), Key::Subscription(s.clone()));
             prop_assert_eq!(ks.parse(&ks.assignment(&s)).unwrap(), Key::Assignment(s.clone()));
             prop_assert_eq!(ks.parse(&ks.cursor(&s)).unwrap(), Key::Cursor(s.clone()));
+            prop_assert_eq!(ks.parse(&ks.owner(&s)).unwrap(), Key::Owner(s.clone()));
             prop_assert_eq!(ks.parse(&ks.drain(&w)).unwrap(), Key::Drain(w.clone()));
             prop_assert_eq!(ks.parse(&ks.worker(&w)).unwrap(), Key::Worker(w));
             prop_assert_eq!(ks.parse(&ks.leader()).unwrap(), Key::Leader);

@@ -13,7 +13,7 @@
 //! another worker can have taken its subscriptions over.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::PutOptions;
@@ -29,6 +29,8 @@ pub struct LeaseClock {
     origin: Instant,
     /// Deadline in nanoseconds since `origin`; 0 = no valid lease.
     deadline: Arc<AtomicU64>,
+    /// The etcd lease id; 0 = none.
+    lease: Arc<AtomicI64>,
 }
 
 impl Default for LeaseClock {
@@ -40,7 +42,11 @@ impl Default for LeaseClock {
 impl LeaseClock {
     /// No lease yet.
     pub fn new() -> Self {
-        Self { origin: Instant::now(), deadline: Arc::new(AtomicU64::new(0)) }
+        Self {
+            origin: Instant::now(),
+            deadline: Arc::new(AtomicU64::new(0)),
+            lease: Arc::new(AtomicI64::new(0)),
+        }
     }
 
     /// A clock that is always valid (for tests of the pure pipeline).
@@ -59,6 +65,12 @@ impl LeaseClock {
         self.nanos(Instant::now()) < self.deadline.load(Ordering::SeqCst)
     }
 
+    /// The current lease, while valid.
+    pub fn lease(&self) -> Option<i64> {
+        let lease = self.lease.load(Ordering::SeqCst);
+        (lease != 0 && self.is_valid()).then_some(lease)
+    }
+
     /// Records a renewal whose request was sent at `sent`.
     fn renewed(&self, sent: Instant, ttl: Duration) {
         let deadline = self.nanos(sent + ttl * 2 / 3);
@@ -68,6 +80,7 @@ impl LeaseClock {
     /// Forgets the lease (lost or revoked).
     fn invalidate(&self) {
         self.deadline.store(0, Ordering::SeqCst);
+        self.lease.store(0, Ordering::SeqCst);
     }
 }
 
@@ -103,6 +116,7 @@ impl Membership {
         let key = self.store.keys().worker(&self.info.worker_id);
         let value = serde_json::to_vec(&self.info).expect("worker info serialises");
         client.put(key, value, Some(PutOptions::new().with_lease(lease))).await?;
+        self.clock.lease.store(lease, Ordering::SeqCst);
         self.clock.renewed(sent, self.ttl);
         Ok(lease)
     }

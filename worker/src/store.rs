@@ -148,6 +148,42 @@ impl EtcdStore {
         Ok(client.watch(self.keys.assignments_dir(), Some(options)).await?)
     }
 
+    /// Claims the right to run `id` before starting its task: creates `<prefix>/owners/<id>`
+    /// bound to this worker's lease, unless another worker still holds it (its task has not
+    /// ended yet). Returns whether this worker holds it now.
+    pub async fn claim(
+        &self,
+        id: &SubscriptionId,
+        worker: &WorkerId,
+        lease: i64,
+    ) -> Result<bool, StoreError> {
+        let key = self.keys.owner(id);
+        let mut client = self.client.clone();
+        let put =
+            TxnOp::put(key.as_str(), worker.as_str(), Some(etcd_client::PutOptions::new().with_lease(lease)));
+        let fresh = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([put.clone()]);
+        if client.txn(fresh).await?.succeeded() {
+            return Ok(true);
+        }
+        // Already ours (a restart of this worker): rebind it to the current lease.
+        let ours = Txn::new()
+            .when([Compare::value(key.as_str(), CompareOp::Equal, worker.as_str())])
+            .and_then([put]);
+        Ok(client.txn(ours).await?.succeeded())
+    }
+
+    /// Releases the claim on `id` after its task ended, if this worker holds it.
+    pub async fn release(&self, id: &SubscriptionId, worker: &WorkerId) -> Result<(), StoreError> {
+        let key = self.keys.owner(id);
+        let txn = Txn::new()
+            .when([Compare::value(key.as_str(), CompareOp::Equal, worker.as_str())])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        self.client.clone().txn(txn).await?;
+        Ok(())
+    }
+
     /// A handle on the etcd client (cheap to clone).
     pub fn client(&self) -> Client {
         self.client.clone()

@@ -257,6 +257,7 @@ impl Supervisor {
                 task.cancel.cancel();
                 let _ = task.handle.await;
             }
+            self.release(&id).await;
         }
         self.metrics.assigned_subscriptions.set(0);
     }
@@ -274,26 +275,50 @@ impl Supervisor {
         let changes = plan(&current, &finished, &desired);
         // Cancel every stopping task first, then join them together: stops overlap instead of
         // adding up, and no successor starts before its predecessor has ended.
-        let stopping: Vec<Running> = changes.stop.iter().filter_map(|id| running.remove(id)).collect();
-        for (id, task) in changes.stop.iter().zip(&stopping) {
+        let stopping: Vec<(SubscriptionId, Running)> =
+            changes.stop.iter().filter_map(|id| running.remove(id).map(|t| (id.clone(), t))).collect();
+        for (id, task) in &stopping {
             tracing::info!(subscription_id = %id, "stopping subscription task");
             task.cancel.cancel();
         }
-        futures::future::join_all(stopping.into_iter().map(|t| t.handle)).await;
+        let ids: Vec<SubscriptionId> = stopping.iter().map(|(id, _)| id.clone()).collect();
+        futures::future::join_all(stopping.into_iter().map(|(_, t)| t.handle)).await;
+        // Only now, with the task ended, may another worker take the subscription over.
+        for id in ids.iter().filter(|id| !changes.start.contains(id)) {
+            self.release(id).await;
+        }
         for id in changes.start {
             let key = desired[&id].clone();
-            if let Some(task) = self.spawn(key, &records[&id]) {
+            if let Some(task) = self.spawn(key, &records[&id]).await {
                 running.insert(id, task);
             }
         }
         self.metrics.assigned_subscriptions.set(running.len() as i64);
     }
 
-    fn spawn(&self, key: TaskKey, versioned: &Versioned) -> Option<Running> {
+    async fn release(&self, id: &SubscriptionId) {
+        if let Err(e) = self.store.release(id, &self.worker_id).await {
+            // The claim is bound to this worker's lease: at worst it goes with the lease.
+            tracing::warn!(subscription_id = %id, error = %e, "cannot release the subscription's owner key");
+        }
+    }
+
+    async fn spawn(&self, key: TaskKey, versioned: &Versioned) -> Option<Running> {
         let id = key.ownership.subscription_id.clone();
-        if !self.lease.is_valid() {
+        let Some(lease) = self.lease.lease() else {
             tracing::info!(subscription_id = %id, "not starting: no valid lease yet");
             return None;
+        };
+        match self.store.claim(&id, &self.worker_id, lease).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(subscription_id = %id, "not starting yet: the previous owner has not released it");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(subscription_id = %id, error = %e, "cannot claim the subscription; retrying");
+                return None;
+            }
         }
         let spec = versioned.record.spec.clone();
         let event = match spec.compile() {
