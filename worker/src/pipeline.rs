@@ -17,7 +17,7 @@ use crate::chain::{ChainRpc, LogQuery, RpcError};
 use crate::decode;
 use crate::membership::LeaseClock;
 use crate::metrics::Metrics;
-use crate::publish::EventSink;
+use crate::publish::{EventSink, PublishError};
 use crate::ranges::{confirmed_target, next_range};
 use crate::retry::{Backoff, pause, retry};
 use crate::store::{CursorStore, Ownership, StoreError};
@@ -281,6 +281,27 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                     }
                     return Ok(());
                 }
+                Err(PublishError::TooLarge { size, max })
+                    if envelope.decode_error.is_none() || !envelope.data.is_empty() =>
+                {
+                    // Retrying can never succeed: deliver the log's identity, flagged, so the
+                    // consumer can fetch it from the chain, instead of stalling the subscription.
+                    self.metrics.publish_errors.with_label_values(&labels).inc();
+                    tracing::warn!(
+                        size,
+                        max,
+                        block = envelope.block_number,
+                        log_index = envelope.log_index,
+                        "log too large to publish; publishing it flagged, without args and data"
+                    );
+                    let mut reduced = envelope.clone();
+                    reduced.args = serde_json::Value::Null;
+                    reduced.data = Default::default();
+                    reduced.decode_error = Some(format!(
+                        "log of {size} bytes exceeds the stream's message limit; args and data omitted, fetch it by transaction hash and log index"
+                    ));
+                    return Box::pin(self.publish(subject, &reduced, cancel)).await;
+                }
                 Err(e) => {
                     self.metrics.publish_errors.with_label_values(&labels).inc();
                     if backoff.attempts() == 0 {
@@ -414,6 +435,8 @@ mod tests {
         stored: Mutex<Vec<EventEnvelope>>,
         calls: Mutex<usize>,
         fail_calls: Vec<usize>,
+        /// Messages whose data is longer than this are refused as too large.
+        max_data: Option<usize>,
     }
 
     impl EventSink for FakeSink {
@@ -425,6 +448,9 @@ mod tests {
             };
             if self.fail_calls.contains(&call) {
                 return Err(PublishError::Nats("injected".into()));
+            }
+            if self.max_data.is_some_and(|max| e.data.len() > max) {
+                return Err(PublishError::TooLarge { size: e.data.len(), max: self.max_data.unwrap() });
             }
             let mut stored = self.stored.lock().unwrap();
             let duplicate = stored.iter().any(|s| s.msg_id() == e.msg_id());
@@ -603,6 +629,28 @@ mod tests {
         run_until_cursor(task(chain, sink.clone(), store.clone(), 10), &store, 3).await;
         assert_eq!(values(&sink), ["0", "1", "2", "3", "4", "5"]);
         assert_eq!(*sink.calls.lock().unwrap(), 3, "only the missing three were published");
+    }
+
+    #[tokio::test]
+    async fn a_log_too_large_to_publish_is_delivered_flagged_instead_of_stalling() {
+        let blocks = [(1, 2), (2, 1)];
+        let sink = Arc::new(FakeSink { max_data: Some(16), ..Default::default() });
+        let store = Arc::new(FakeStore {
+            sink: sink.clone(),
+            commits: Mutex::default(),
+            fenced: false,
+            logs_by_block: blocks.iter().map(|&(b, n)| (b, n)).collect(),
+        });
+        let chain = FakeChain { head: 2, logs: transfer_logs(&blocks) };
+        run_until_cursor(task(chain, sink.clone(), store.clone(), 10), &store, 2).await;
+        let stored = sink.stored.lock().unwrap();
+        assert_eq!(stored.len(), 3);
+        for (i, e) in stored.iter().enumerate() {
+            assert_eq!(e.args, serde_json::Value::Null);
+            assert!(e.data.is_empty());
+            assert!(e.decode_error.as_deref().is_some_and(|m| m.contains("exceeds")), "{i}");
+        }
+        assert_eq!(stored.iter().map(|e| e.position()).collect::<Vec<_>>(), [(1, 0), (1, 1), (2, 0)]);
     }
 
     #[tokio::test]

@@ -25,6 +25,22 @@ pub enum PublishError {
     /// The server or connection reported an error.
     #[error("jetstream error: {0}")]
     Nats(String),
+    /// The message exceeds the server's maximum payload; retrying the same message can never
+    /// succeed.
+    #[error("message of {size} bytes exceeds the server's max_payload of {max}")]
+    TooLarge {
+        /// Size of the message body.
+        size: usize,
+        /// The server's limit.
+        max: usize,
+    },
+}
+
+impl PublishError {
+    /// Whether publishing the same message again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Self::TooLarge { .. })
+    }
 }
 
 /// What the server said about a stored message.
@@ -89,6 +105,11 @@ impl JetStreamSink {
 impl EventSink for JetStreamSink {
     async fn publish(&self, subject: &str, envelope: &EventEnvelope) -> Result<Stored, PublishError> {
         let payload = Bytes::from(serde_json::to_vec(envelope).expect("envelopes serialise"));
+        // Leave room for the headers.
+        let max = self.js.client().server_info().max_payload.saturating_sub(1024);
+        if max > 0 && payload.len() > max {
+            return Err(PublishError::TooLarge { size: payload.len(), max });
+        }
         let message = PublishMessage::build()
             .payload(payload)
             .message_id(envelope.msg_id())
