@@ -62,7 +62,8 @@ impl Heads {
                 }
                 Ok(Err(e)) if !failing => {
                     failing = true;
-                    tracing::warn!(chain_id = chain.chain_id, error = %e, "cannot read chain head");
+                    let error = herald_proto::settings::scrub(&e.to_string(), &chain.rpc_urls[0]);
+                    tracing::warn!(chain_id = chain.chain_id, error, "cannot read chain head");
                 }
                 Err(_) if !failing => {
                     failing = true;

@@ -455,6 +455,11 @@ impl CoordinatorProcess {
         self.process.log_tail(30)
     }
 
+    /// Everything it logged.
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+
     /// A request builder with the admin token.
     pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http.request(method, self.url(path)).bearer_auth(ADMIN_TOKEN)

@@ -224,3 +224,40 @@ async fn invalid_configuration_exits_non_zero_naming_the_field() -> anyhow::Resu
     assert!(process.log().contains("does not exist"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_a_log_line() -> anyhow::Result<()> {
+    use herald_tests::herald::{ADMIN_TOKEN, CoordinatorProcess, CoordinatorSettings};
+    init_tracing();
+    const PASSWORD: &str = "rpc-password-7f3a9c";
+    const API_KEY: &str = "rpc-apikey-9b2e71";
+    let (etcd, nats) = tokio::try_join!(Etcd::start(), Nats::start())?;
+    let anvil_port = free_port();
+    let rpc = format!("http://herald:{PASSWORD}@127.0.0.1:{anvil_port}/?apikey={API_KEY}");
+
+    // The chain is down at first: the failures are logged, with the URL in their errors.
+    let worker =
+        WorkerProcess::start(WorkerSettings::new("worker-a", etcd.endpoint(), nats.url(), rpc.clone()))?;
+    wait_for_log(&worker, "what=\"reach chain 31337").await?;
+    let anvil = Anvil::start_on(anvil_port).await?;
+    wait_for_log(&worker, "worker running").await?;
+    let chain = TestChain::deploy(&anvil.url()).await?;
+    let coordinator = CoordinatorProcess::start(CoordinatorSettings::new(etcd.endpoint(), rpc)).await?;
+    let body = serde_json::json!({
+        "id": "transfers", "chain_id": 31337, "address": chain.contract.to_string(),
+        "event": TRANSFER_EVENT, "start_block": 0,
+    });
+    assert_eq!(coordinator.post("/v1/subscriptions", &body).await?.0, 201);
+    chain.emit_many(3).await?;
+    let reader = StreamReader::connect(&nats.url()).await?;
+    reader.wait_for_count("herald.events.31337.transfers", 3, TIMEOUT).await?;
+
+    for (name, log) in [("worker", worker.log()), ("coordinator", coordinator.log())] {
+        assert!(log.contains("127.0.0.1"), "{name} logged nothing useful");
+        // Not even a fragment: the distinctive tails of both secrets.
+        for secret in [PASSWORD, API_KEY, ADMIN_TOKEN, "7f3a9c", "9b2e71"] {
+            assert!(!log.contains(secret), "{name} logged (part of) a secret {secret:?}:\n{log}");
+        }
+    }
+    Ok(())
+}

@@ -13,6 +13,7 @@ use alloy::providers::{Provider, RootProvider};
 use alloy::rpc::types::{Filter, Log};
 use alloy_primitives::{Address, B256};
 use herald_proto::ChainId;
+use herald_proto::settings::{redact_url, scrub};
 
 /// A block's identity, enough to follow the chain and detect reorgs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,10 +130,7 @@ impl AlloyRpc {
     ) -> Result<T, RpcError> {
         match tokio::time::timeout(self.timeout, fut).await {
             Err(_) => Err(RpcError::Timeout { method, after: self.timeout }),
-            Ok(Err(e)) => Err(RpcError::Transport {
-                method,
-                message: e.to_string().replace(&self.url, &self.redacted_url),
-            }),
+            Ok(Err(e)) => Err(RpcError::Transport { method, message: scrub(&e.to_string(), &self.url) }),
             Ok(Ok(v)) => Ok(v),
         }
     }
@@ -186,16 +184,6 @@ impl ChainRpc for AlloyRpc {
     }
 }
 
-/// `scheme://host[:port]` plus `/...` when there was a path: providers put API keys in the
-/// path (`/v2/<key>`) or in user info, and neither may reach a log line.
-pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let tail = if rest.len() > authority.len() { "/..." } else { "" };
-    format!("{scheme}://{host}{tail}")
-}
-
 /// Rejects answers that cannot belong to `query`.
 fn validate_logs(query: &LogQuery, logs: &[Log]) -> Result<(), String> {
     for log in logs {
@@ -233,14 +221,6 @@ mod tests {
             log_index: Some(0),
             removed: false,
         }
-    }
-
-    #[test]
-    fn urls_are_redacted() {
-        assert_eq!(redact_url("https://eth.example.com/v2/SECRET"), "https://eth.example.com/...");
-        assert_eq!(redact_url("https://user:pw@host:8545"), "https://host:8545");
-        assert_eq!(redact_url("http://127.0.0.1:8545"), "http://127.0.0.1:8545");
-        assert_eq!(redact_url("http://h?key=SECRET"), "http://h/...");
     }
 
     #[test]
