@@ -97,6 +97,41 @@ impl TestChain {
         self.call("emitMalformedTransfer", &[]).await
     }
 
+    /// Replaces the last `depth` blocks (`anvil_reorg`) with new ones holding `emit_many(n)`
+    /// transactions, one per `(n, block offset)` in `emits` (offset 0 = the first new block).
+    pub async fn reorg(&self, depth: u64, emits: &[(u64, u64)]) -> anyhow::Result<()> {
+        let f = self
+            .abi
+            .function("emitMany")
+            .and_then(|f| f.first())
+            .ok_or_else(|| anyhow::anyhow!("no emitMany"))?;
+        let mut txs = Vec::new();
+        for &(n, offset) in emits {
+            let input = f.abi_encode_input(&[DynSolValue::Uint(U256::from(n), 256)])?;
+            let tx = TransactionRequest::default().from(self.from).to(self.contract).with_input(input);
+            txs.push((tx, offset));
+        }
+        let _: serde_json::Value = self.provider.raw_request("anvil_reorg".into(), (depth, txs)).await?;
+        Ok(())
+    }
+
+    /// The contract's Transfer logs on the canonical chain up to `to`, as (block hash, log index, value).
+    pub async fn canonical_transfers(&self, to: u64) -> anyhow::Result<Vec<(B256, u64, U256)>> {
+        let filter = alloy::rpc::types::Filter::new()
+            .address(self.contract)
+            .event_signature(alloy_primitives::keccak256("Transfer(address,address,uint256)"))
+            .from_block(0)
+            .to_block(to);
+        let logs = self.provider.get_logs(&filter).await?;
+        Ok(logs
+            .iter()
+            .map(|l| {
+                let value = U256::from_be_slice(&l.data().data[..32]);
+                (l.block_hash.unwrap_or_default(), l.log_index.unwrap_or_default(), value)
+            })
+            .collect())
+    }
+
     /// Mines `n` empty blocks.
     pub async fn mine(&self, n: u64) -> anyhow::Result<()> {
         for _ in 0..n {
