@@ -29,7 +29,7 @@ pub mod subjects;
 pub mod subscription;
 
 pub use assignment::Assignment;
-pub use cursor::Cursor;
+pub use cursor::{Checkpoint, Cursor};
 pub use envelope::EventEnvelope;
 pub use ids::{ChainId, IdError, SubscriptionId, WorkerId};
 pub use keys::{Key, KeyError, Keyspace};

@@ -59,3 +59,22 @@ pub fn assert_monotonic(history: &[Cursor]) {
         );
     }
 }
+
+/// Folds a subscription's stream: each message adds its log, each retraction (`removed`)
+/// removes the log with the same block hash and index. What remains is what a consumer that
+/// applies retractions believes the chain holds: (block hash, log index, decoded value).
+pub fn fold(messages: &[EventEnvelope]) -> Vec<(alloy_primitives::B256, u64, String)> {
+    let mut logs: Vec<(alloy_primitives::B256, u64, String)> = Vec::new();
+    for m in messages {
+        let key = (m.block_hash, m.log_index);
+        if m.removed {
+            let at = logs.iter().position(|(h, i, _)| (*h, *i) == key);
+            assert!(at.is_some(), "retraction of a log never published: {key:?}");
+            logs.remove(at.unwrap());
+        } else {
+            assert!(!logs.iter().any(|(h, i, _)| (*h, *i) == key), "log published twice: {key:?}");
+            logs.push((m.block_hash, m.log_index, m.args["value"].as_str().unwrap_or_default().to_owned()));
+        }
+    }
+    logs
+}

@@ -14,6 +14,10 @@ pub struct Metrics {
     pub decode_failures: IntCounterVec,
     /// Failed publish attempts (retried).
     pub publish_errors: IntCounterVec,
+    /// Retractions published for logs from orphaned blocks.
+    pub retractions: IntCounterVec,
+    /// Reorgs at least as deep as the subscription's confirmations (or beyond the window).
+    pub deep_reorgs: IntCounterVec,
     /// Last block whose logs are all acknowledged, per subscription.
     pub cursor_block: IntGaugeVec,
     /// Blocks between the chain head and the cursor, per subscription.
@@ -80,6 +84,18 @@ impl Metrics {
                 &registry,
                 "herald_decode_failures_total",
                 "Logs that did not decode with the subscription's ABI (published raw, flagged).",
+                sub,
+            ),
+            retractions: counter_vec(
+                &registry,
+                "herald_retractions_total",
+                "Retractions published for logs from orphaned blocks.",
+                sub,
+            ),
+            deep_reorgs: counter_vec(
+                &registry,
+                "herald_deep_reorgs_total",
+                "Reorgs at least as deep as the subscription's confirmations: published logs had to be retracted.",
                 sub,
             ),
             publish_errors: counter_vec(

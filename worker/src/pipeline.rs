@@ -7,10 +7,12 @@
 //! duplicate window and, beyond it, by skipping what the stream's tail shows was already
 //! published (the stream is its own journal).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald_proto::{CompiledEvent, Cursor, Rewind, StartBlock, SubscriptionSpec};
+use alloy_primitives::B256;
+use herald_proto::{Checkpoint, CompiledEvent, Cursor, EventEnvelope, Rewind, StartBlock, SubscriptionSpec};
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::{ChainRpc, LogQuery, RpcError};
@@ -63,12 +65,37 @@ pub struct SubscriptionTask<R, S, C> {
     pub max_block_range: u64,
 }
 
-/// Where a task starts.
-struct Resume {
-    /// First block to process.
+/// Blocks of checkpoints kept in the cursor to find a common ancestor after a reorg.
+const REORG_WINDOW: u64 = 128;
+
+/// Where a task stands.
+struct Progress {
+    /// The last committed cursor, once there is one.
+    cursor: Option<Cursor>,
+    /// First block still to process.
     next: u64,
     /// Rewind epoch of everything it publishes.
     epoch: u64,
+    /// Logs at or before this position are already in the stream (from its tail at start).
+    published_through: Option<(u64, u64)>,
+    /// Stream sequence of the last message this task stored (or found stored).
+    last_seq: u64,
+}
+
+impl Progress {
+    fn from_cursor(cursor: Cursor) -> Self {
+        Self {
+            next: cursor.next_block(),
+            epoch: cursor.epoch,
+            last_seq: cursor.stream_seq,
+            published_through: None,
+            cursor: Some(cursor),
+        }
+    }
+
+    fn fresh(next: u64) -> Self {
+        Self { cursor: None, next, epoch: 0, published_through: None, last_seq: 0 }
+    }
 }
 
 enum Step {
@@ -92,7 +119,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             _ = drain.cancelled() => return Exit::Drained,
             r = self.resume_point(&cancel) => r,
         };
-        let Some(Resume { mut next, epoch }) = resume else {
+        let Some(mut progress) = resume else {
             return Exit::Cancelled;
         };
         let subject = self.spec.subject();
@@ -103,23 +130,29 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         // Only messages of this registration and epoch count: after a rewind, or a delete and
         // re-registration of the id, the stream's tail belongs to the past and everything is to
         // be published again.
-        let mut published_through = tail
+        progress.published_through = tail
             .filter(|e| {
                 e.subscription_id == self.spec.id
                     && e.registration == self.registration
-                    && e.rewind_epoch == epoch
+                    && e.rewind_epoch == progress.epoch
                     && !e.removed
             })
             .map(|e| e.position());
-        tracing::info!(next_block = next, epoch, ?published_through, %subject, "subscription started");
+        tracing::info!(
+            next_block = progress.next,
+            epoch = progress.epoch,
+            published_through = ?progress.published_through,
+            %subject,
+            "subscription started"
+        );
 
         let mut backoff = Backoff::network();
         loop {
             if drain.is_cancelled() {
-                tracing::info!(cursor = next.saturating_sub(1), "drained");
+                tracing::info!(cursor = progress.next.saturating_sub(1), "drained");
                 return Exit::Drained;
             }
-            let step = self.step(&mut next, epoch, &mut published_through, &subject, &cancel).await;
+            let step = self.step(&mut progress, &subject, &cancel).await;
             match step {
                 Ok(Step::Continue) => backoff.reset(),
                 Ok(Step::Idle) => {
@@ -149,23 +182,23 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
     /// moves the cursor to just before its block; otherwise after the cursor; otherwise the
     /// spec's start block. A `latest` start is pinned by committing a cursor at once, so a
     /// restart does not move it.
-    async fn resume_point(&self, cancel: &CancellationToken) -> Option<Resume> {
+    async fn resume_point(&self, cancel: &CancellationToken) -> Option<Progress> {
         let cursor = retry("load the cursor", cancel, || self.store.load_cursor(&self.spec.id)).await?;
-        let cursor_epoch = cursor.map_or(0, |c| c.epoch);
+        let cursor_epoch = cursor.as_ref().map_or(0, |c| c.epoch);
         if let Some(rewind) = self.rewind.filter(|r| r.epoch > cursor_epoch) {
             let from = rewind.from_block.max(1);
             let block =
                 retry("read the block before the rewind", cancel, || self.chain.block(from - 1)).await?;
-            let cursor = Cursor { block_number: from - 1, block_hash: block.hash, epoch: rewind.epoch };
+            let cursor = Cursor::at(from - 1, block.hash, rewind.epoch);
             self.commit(&cursor, cancel).await.ok()?;
             tracing::info!(from_block = from, epoch = rewind.epoch, "rewound");
-            return Some(Resume { next: from, epoch: rewind.epoch });
+            return Some(Progress::from_cursor(cursor));
         }
         if let Some(cursor) = cursor {
-            return Some(Resume { next: cursor.next_block(), epoch: cursor.epoch });
+            return Some(Progress::from_cursor(cursor));
         }
         match self.spec.start_block {
-            StartBlock::Number(n) => Some(Resume { next: n, epoch: 0 }),
+            StartBlock::Number(n) => Some(Progress::fresh(n)),
             StartBlock::Latest => {
                 // A chain shorter than the confirmation depth has no confirmed block yet: wait.
                 let target = loop {
@@ -179,18 +212,16 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                     }
                 };
                 let block = retry("read the start block", cancel, || self.chain.block(target)).await?;
-                let cursor = Cursor { block_number: target, block_hash: block.hash, epoch: 0 };
+                let cursor = Cursor::at(target, block.hash, 0);
                 self.commit(&cursor, cancel).await.ok()?;
-                Some(Resume { next: cursor.next_block(), epoch: 0 })
+                Some(Progress::from_cursor(cursor))
             }
         }
     }
 
     async fn step(
         &self,
-        next: &mut u64,
-        epoch: u64,
-        published_through: &mut Option<(u64, u64)>,
+        p: &mut Progress,
         subject: &str,
         cancel: &CancellationToken,
     ) -> Result<Step, RpcError> {
@@ -202,11 +233,26 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         self.metrics
             .lag_blocks
             .with_label_values(&labels)
-            .set(head.saturating_sub(next.saturating_sub(1)) as i64);
+            .set(head.saturating_sub(p.next.saturating_sub(1)) as i64);
+        // Is what was processed still canonical? A lagging endpoint (head below the cursor) is
+        // not a reorg: wait for it.
+        if let Some(cursor) = p.cursor.clone()
+            && !cursor.block_hash.is_zero()
+            && cursor.block_number <= head
+        {
+            let Some(now) =
+                self.call(self.chain.block(cursor.block_number), "eth_getBlockByNumber", cancel).await?
+            else {
+                return Ok(Step::Exit(Exit::Cancelled));
+            };
+            if now.hash != cursor.block_hash {
+                return self.unwind(p, &cursor, subject, cancel).await;
+            }
+        }
         let Some(target) = confirmed_target(head, self.spec.confirmations) else {
             return Ok(Step::Idle);
         };
-        let Some(range) = next_range(*next, target, self.max_block_range) else {
+        let Some(range) = next_range(p.next, target, self.max_block_range) else {
             return Ok(Step::Idle);
         };
         let (from, to) = (*range.start(), *range.end());
@@ -224,12 +270,12 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
 
         for log in logs.iter().filter(|l| self.event.matches_topics(l.topics())) {
             let mut envelope = decode::envelope(self.spec.chain_id, &self.spec.id, &self.event, log);
-            envelope.rewind_epoch = epoch;
+            envelope.rewind_epoch = p.epoch;
             envelope.registration = self.registration;
-            if published_through.is_some_and(|p| envelope.position() <= p) {
+            if p.published_through.is_some_and(|through| envelope.position() <= through) {
                 continue;
             }
-            *published_through = None;
+            p.published_through = None;
             if let Some(error) = &envelope.decode_error {
                 self.metrics.decode_failures.with_label_values(&labels).inc();
                 tracing::warn!(
@@ -239,28 +285,35 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                     "log does not decode with the subscription's ABI; publishing it raw, flagged"
                 );
             }
-            if let Err(exit) = self.publish(subject, &envelope, cancel).await {
-                return Ok(Step::Exit(exit));
+            match self.publish(subject, &envelope, cancel).await {
+                Ok(sequence) => p.last_seq = p.last_seq.max(sequence),
+                Err(exit) => return Ok(Step::Exit(exit)),
             }
         }
 
-        let cursor = Cursor { block_number: to, block_hash: last_block.hash, epoch };
+        let checkpoint = Checkpoint { block_number: to, block_hash: last_block.hash, stream_seq: p.last_seq };
+        let cursor = match &p.cursor {
+            Some(previous) => previous.advance(checkpoint, REORG_WINDOW.max(2 * self.spec.confirmations)),
+            None => Cursor { stream_seq: p.last_seq, ..Cursor::at(to, last_block.hash, p.epoch) },
+        };
         if let Err(exit) = self.commit(&cursor, cancel).await {
             return Ok(Step::Exit(exit));
         }
-        *next = cursor.next_block();
+        p.next = cursor.next_block();
+        p.cursor = Some(cursor);
         self.metrics.cursor_block.with_label_values(&labels).set(to as i64);
         self.metrics.lag_blocks.with_label_values(&labels).set(head.saturating_sub(to) as i64);
         Ok(if to < target { Step::Continue } else { Step::Idle })
     }
 
-    /// Publishes until acknowledged; `Err` if cancelled or fenced first.
+    /// Publishes until acknowledged and returns the stream sequence; `Err` if cancelled or
+    /// fenced first.
     async fn publish(
         &self,
         subject: &str,
         envelope: &herald_proto::EventEnvelope,
         cancel: &CancellationToken,
-    ) -> Result<(), Exit> {
+    ) -> Result<u64, Exit> {
         let labels = self.labels();
         let mut backoff = Backoff::network();
         loop {
@@ -279,7 +332,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                     if backoff.attempts() > 0 {
                         tracing::info!(attempts = backoff.attempts(), "publishing recovered");
                     }
-                    return Ok(());
+                    return Ok(stored.sequence);
                 }
                 Err(PublishError::TooLarge { size, max })
                     if envelope.decode_error.is_none() || !envelope.data.is_empty() =>
@@ -313,6 +366,125 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 }
             }
         }
+    }
+
+    /// The chain no longer has the cursor's block: find where it forked, retract (newest first)
+    /// every message published from orphaned blocks, and move the cursor back to the last block
+    /// before the fork, from where the new canonical logs are published. The journal of what was
+    /// published is the stream itself, from the newest checkpoint that is still canonical.
+    async fn unwind(
+        &self,
+        p: &mut Progress,
+        cursor: &Cursor,
+        subject: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Step, RpcError> {
+        let labels = self.labels();
+        let mut hashes: BTreeMap<u64, B256> = BTreeMap::new();
+        let mut canonical_hash = async |number: u64| -> Result<Option<B256>, RpcError> {
+            if let Some(hash) = hashes.get(&number) {
+                return Ok(Some(*hash));
+            }
+            let block = self.call(self.chain.block(number), "eth_getBlockByNumber", cancel).await?;
+            Ok(block.map(|b| {
+                hashes.insert(number, b.hash);
+                b.hash
+            }))
+        };
+        // 1. The newest checkpoint still canonical bounds the journal to read.
+        let mut floor = None;
+        for checkpoint in cursor.checkpoints_newest_first().skip(1) {
+            let Some(hash) = canonical_hash(checkpoint.block_number).await? else {
+                return Ok(Step::Exit(Exit::Cancelled));
+            };
+            if hash == checkpoint.block_hash {
+                floor = Some(checkpoint);
+                break;
+            }
+        }
+        let beyond_window = floor.is_none();
+        let floor = floor.unwrap_or_else(|| {
+            let oldest = cursor.history.first().copied().unwrap_or_else(|| cursor.checkpoint());
+            Checkpoint {
+                block_number: oldest.block_number.saturating_sub(1),
+                block_hash: B256::ZERO,
+                stream_seq: 0,
+            }
+        });
+        // 2. What was published after it, by this registration and epoch.
+        let journal = tokio::select! {
+            _ = cancel.cancelled() => return Ok(Step::Exit(Exit::Cancelled)),
+            j = self.sink.journal_after(subject, floor.stream_seq) => j,
+        };
+        let journal =
+            journal.map_err(|e| RpcError::Transport { method: "journal", message: e.to_string() })?;
+        let mine: Vec<&(u64, EventEnvelope)> = journal
+            .iter()
+            .filter(|(_, e)| e.registration == self.registration && e.rewind_epoch == p.epoch)
+            .collect();
+        let already_retracted: BTreeSet<String> = mine
+            .iter()
+            .filter(|(_, e)| e.removed)
+            .map(|(_, e)| EventEnvelope { removed: false, ..e.clone() }.msg_id())
+            .collect();
+        // 3. The fork: the first published block that is no longer canonical.
+        let mut orphaned: Vec<&EventEnvelope> = Vec::new();
+        let mut fork = None;
+        for (_, e) in mine.iter().filter(|(_, e)| !e.removed) {
+            if fork.is_none() {
+                let Some(hash) = canonical_hash(e.block_number).await? else {
+                    return Ok(Step::Exit(Exit::Cancelled));
+                };
+                if hash != e.block_hash {
+                    fork = Some(e.block_number);
+                }
+            }
+            if fork.is_some() && !already_retracted.contains(&e.msg_id()) {
+                orphaned.push(e);
+            }
+        }
+        // 4. Retract, newest first.
+        for e in orphaned.iter().rev() {
+            let retraction = EventEnvelope { removed: true, ..(*e).clone() };
+            match self.publish(subject, &retraction, cancel).await {
+                Ok(sequence) => p.last_seq = p.last_seq.max(sequence),
+                Err(exit) => return Ok(Step::Exit(exit)),
+            }
+            self.metrics.retractions.with_label_values(&labels).inc();
+        }
+        // 5. Back to the last canonical block before the fork.
+        let resume = fork.map_or(floor.block_number, |f| f.saturating_sub(1)).max(floor.block_number);
+        let Some(resume_hash) = canonical_hash(resume).await? else {
+            return Ok(Step::Exit(Exit::Cancelled));
+        };
+        // The cursor only ever names blocks `confirmations` deep, so with confirmations > 0 any
+        // reorg that reaches it is deeper than promised: it must never pass silently.
+        let unwound = cursor.block_number.saturating_sub(resume);
+        if beyond_window || self.spec.confirmations > 0 {
+            self.metrics.deep_reorgs.with_label_values(&labels).inc();
+            tracing::warn!(
+                unwound,
+                confirmations = self.spec.confirmations,
+                beyond_window,
+                "reorg deeper than the subscription's confirmations; published logs retracted"
+            );
+        }
+
+        tracing::info!(
+            from_block = cursor.block_number,
+            to_block = resume,
+            retracted = orphaned.len(),
+            "chain reorganised; published logs from orphaned blocks retracted"
+        );
+        let mut rewound = Cursor { stream_seq: p.last_seq, ..Cursor::at(resume, resume_hash, p.epoch) };
+        rewound.history = cursor.history.iter().filter(|c| c.block_number < resume).copied().collect();
+        if let Err(exit) = self.commit(&rewound, cancel).await {
+            return Ok(Step::Exit(exit));
+        }
+        p.next = rewound.next_block();
+        p.cursor = Some(rewound);
+        p.published_through = None;
+        Ok(Step::Continue)
     }
 
     /// Commits the cursor, retrying etcd failures; `Err(exit)` when fenced or cancelled.
@@ -462,6 +634,19 @@ mod tests {
         async fn last_published(&self, _subject: &str) -> Result<Option<EventEnvelope>, PublishError> {
             Ok(self.stored.lock().unwrap().last().cloned())
         }
+        async fn journal_after(
+            &self,
+            _subject: &str,
+            after: u64,
+        ) -> Result<Vec<(u64, EventEnvelope)>, PublishError> {
+            let stored = self.stored.lock().unwrap();
+            Ok(stored
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (i as u64 + 1, e.clone()))
+                .filter(|(s, _)| *s > after)
+                .collect())
+        }
     }
 
     struct FakeStore {
@@ -473,7 +658,7 @@ mod tests {
 
     impl CursorStore for FakeStore {
         async fn load_cursor(&self, _id: &SubscriptionId) -> Result<Option<Cursor>, StoreError> {
-            Ok(self.commits.lock().unwrap().last().copied())
+            Ok(self.commits.lock().unwrap().last().cloned())
         }
         async fn commit_cursor(&self, o: &Ownership, c: &Cursor) -> Result<(), StoreError> {
             if self.fenced {
@@ -485,7 +670,7 @@ mod tests {
                 self.sink.stored.lock().unwrap().iter().filter(|e| e.block_number <= c.block_number).count();
             assert_eq!(stored, expected, "cursor {} committed before its logs were stored", c.block_number);
             assert_eq!(c.block_hash, block_hash(c.block_number));
-            self.commits.lock().unwrap().push(*c);
+            self.commits.lock().unwrap().push(c.clone());
             Ok(())
         }
     }

@@ -67,6 +67,14 @@ pub trait EventSink: Send + Sync + 'static {
         &self,
         subject: &str,
     ) -> impl Future<Output = Result<Option<EventEnvelope>, PublishError>> + Send;
+
+    /// Every envelope stored on `subject` after stream sequence `after`, in order, with its
+    /// sequence: what to retract when the blocks they came from are orphaned.
+    fn journal_after(
+        &self,
+        subject: &str,
+        after: u64,
+    ) -> impl Future<Output = Result<Vec<(u64, EventEnvelope)>, PublishError>> + Send;
 }
 
 /// [`EventSink`] over NATS JetStream.
@@ -125,6 +133,55 @@ impl EventSink for JetStreamSink {
             Ok(Err(e)) => Err(PublishError::Nats(e.to_string())),
             Ok(Ok(ack)) => Ok(Stored { sequence: ack.sequence, duplicate: ack.duplicate }),
         }
+    }
+
+    async fn journal_after(
+        &self,
+        subject: &str,
+        after: u64,
+    ) -> Result<Vec<(u64, EventEnvelope)>, PublishError> {
+        use async_nats::jetstream::consumer;
+        use futures::StreamExt;
+        let nats = |e: &dyn std::fmt::Display| PublishError::Nats(e.to_string());
+        let stream = self.js.get_stream_no_info(&self.stream_name).await.map_err(|e| nats(&e))?;
+        let consumer: consumer::PullConsumer = stream
+            .create_consumer(consumer::pull::Config {
+                filter_subject: subject.to_owned(),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats(&e))?;
+        let mut out = Vec::new();
+        loop {
+            let pending = consumer.clone().info().await.map_err(|e| nats(&e))?.num_pending;
+            if pending == 0 {
+                break;
+            }
+            let mut batch = consumer
+                .fetch()
+                .max_messages(500)
+                .expires(self.ack_timeout)
+                .messages()
+                .await
+                .map_err(|e| nats(&e))?;
+            let mut got = 0;
+            while let Some(message) = batch.next().await {
+                let message = message.map_err(|e| nats(&e))?;
+                let sequence = message.info().map_err(|e| nats(&e))?.stream_sequence;
+                if let Ok(envelope) = serde_json::from_slice(&message.payload) {
+                    out.push((sequence, envelope));
+                }
+                got += 1;
+            }
+            if got == 0 {
+                return Err(PublishError::Nats(format!("journal read stalled with {pending} pending")));
+            }
+        }
+        let _ = stream.delete_consumer(consumer.cached_info().name.as_str()).await;
+        Ok(out)
     }
 
     async fn last_published(&self, subject: &str) -> Result<Option<EventEnvelope>, PublishError> {

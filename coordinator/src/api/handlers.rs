@@ -309,7 +309,7 @@ pub async fn list_subscriptions(
             view(
                 stored,
                 assignments.get(id).cloned(),
-                cursors.get(id).copied(),
+                cursors.get(id).cloned(),
                 state.heads.get(stored.record.spec.chain_id),
             )
         })
