@@ -129,3 +129,50 @@ async fn a_reorg_deeper_than_the_confirmations_retracts_and_is_counted() -> anyh
     assert!(deep >= 1.0, "the deep-reorg metric must count it");
     Ok(())
 }
+
+/// The chain reorganises while the owning worker is down: the worker that starts the
+/// subscription again finds the cursor's block orphaned, retracts and republishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reorg_while_the_owner_is_down_is_repaired_on_restart() -> anyhow::Result<()> {
+    init_tracing();
+    let stack = Stack::start().await?;
+    let mut etcd = stack.etcd.client().await?;
+    let spec = stack.subscription("live", TRANSFER_EVENT);
+    register_subscription(&mut etcd, &spec, "worker-a").await?;
+    let mut worker = WorkerProcess::start(stack.worker_settings("worker-a"))?;
+    let reader = StreamReader::connect(&stack.nats.url()).await?;
+    for _ in 0..6 {
+        stack.chain.emit_many(2).await?;
+    }
+    let head = stack.chain.head().await?;
+    wait_for("the cursor at the head", TIMEOUT, || async {
+        let c = read_cursor(&mut stack.etcd.client().await.ok()?, &spec.id).await.ok()??;
+        (c.block_number >= head).then_some(())
+    })
+    .await?;
+
+    worker.kill().await;
+    stack.chain.reorg(3, &[(3, 0), (1, 1)]).await?;
+    stack.chain.mine(1).await?;
+    let worker = WorkerProcess::start(stack.worker_settings("worker-a"))?;
+    let head = stack.chain.head().await?;
+    wait_for("the cursor at the new head", TIMEOUT, || async {
+        let c = read_cursor(&mut stack.etcd.client().await.ok()?, &spec.id).await.ok()??;
+        (c.block_number >= head).then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))?;
+    let canonical: Vec<_> = stack
+        .chain
+        .canonical_transfers(head)
+        .await?
+        .into_iter()
+        .map(|(h, i, v)| (h, i, v.to_string()))
+        .collect();
+    let stream = reader.read_all(&spec.subject()).await?;
+    assert!(stream.iter().any(|m| m.removed), "the orphaned logs were not retracted");
+    let shown: Vec<_> =
+        stream.iter().map(|m| (m.block_number, m.log_index, m.removed, m.args["value"].clone())).collect();
+    assert_eq!(fold(&stream), canonical, "{shown:?}\n{}", worker.log_tail());
+    Ok(())
+}

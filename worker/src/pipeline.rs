@@ -453,14 +453,16 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             self.metrics.retractions.with_label_values(&labels).inc();
         }
         // 5. Back to the last canonical block before the fork.
-        let resume = fork.map_or(floor.block_number, |f| f.saturating_sub(1)).max(floor.block_number);
+        // Everything read was published after the floor, so a fork is always above it; without
+        // a canonical checkpoint the floor is only a guess and the fork decides.
+        let resume = fork.map_or(floor.block_number, |f| f.saturating_sub(1));
         let Some(resume_hash) = canonical_hash(resume).await? else {
             return Ok(Step::Exit(Exit::Cancelled));
         };
         // The cursor only ever names blocks `confirmations` deep, so with confirmations > 0 any
         // reorg that reaches it is deeper than promised: it must never pass silently.
         let unwound = cursor.block_number.saturating_sub(resume);
-        if beyond_window || self.spec.confirmations > 0 {
+        if self.spec.confirmations > 0 {
             self.metrics.deep_reorgs.with_label_values(&labels).inc();
             tracing::warn!(
                 unwound,
