@@ -140,8 +140,15 @@ async fn balance_takeover_and_join() -> anyhow::Result<()> {
         "worker-b" => b.log(),
         _ => c_again.log(),
     };
+    // An assignment is written before its worker starts the task: wait until every owner has
+    // started its subscriptions, so that later starts are restarts.
     let starts_before: BTreeMap<String, usize> =
-        before.iter().map(|(id, w)| (id.clone(), starts_of(&logs(w), id))).collect();
+        wait_for("every owner to start its subscriptions", TIMEOUT, || async {
+            let starts: BTreeMap<String, usize> =
+                before.iter().map(|(id, w)| (id.clone(), starts_of(&logs(w), id))).collect();
+            starts.values().all(|n| *n >= 1).then_some(starts)
+        })
+        .await?;
     let d = worker("worker-d")?;
     let after = wait_balanced(&c, &["worker-a", "worker-b", "worker-c", "worker-d"]).await?;
     let moved: Vec<&String> =
