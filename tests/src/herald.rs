@@ -263,6 +263,21 @@ pub async fn read_cursor(
     })
 }
 
+/// Waits until the cursor of `id` is at or past `block`: every matching log up to it is in
+/// the stream.
+pub async fn wait_for_cursor(
+    etcd: &crate::Etcd,
+    id: &SubscriptionId,
+    block: u64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    wait_for(&format!("cursor of {id} at block {block}"), timeout, || async {
+        let c = read_cursor(&mut etcd.client().await.ok()?, id).await.ok()??;
+        (c.block_number >= block).then_some(())
+    })
+    .await
+}
+
 /// Reads messages back from the stream, as a consumer would.
 pub struct StreamReader {
     js: jetstream::Context,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use herald_proto::SubscriptionState;
 use herald_tests::chain::TRANSFER_EVENT;
 use herald_tests::check::{assert_exact_transfers, assert_monotonic, cursor_history};
-use herald_tests::herald::{delete_subscription, read_cursor, request_rewind, set_state};
+use herald_tests::herald::{delete_subscription, read_cursor, request_rewind, set_state, wait_for_cursor};
 use herald_tests::{Stack, StreamReader, WorkerProcess, init_tracing, register_subscription, wait_for};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -27,13 +27,7 @@ async fn pause_resume_rewind_and_delete() -> anyhow::Result<()> {
     let canary_past = |block: u64| {
         let etcd = &stack.etcd;
         let canary = &canary.id;
-        async move {
-            wait_for(&format!("canary cursor at {block}"), TIMEOUT, || async {
-                let c = read_cursor(&mut etcd.client().await.ok()?, canary).await.ok()??;
-                (c.block_number >= block).then_some(())
-            })
-            .await
-        }
+        async move { wait_for_cursor(etcd, canary, block, TIMEOUT).await }
     };
     let assigned = |n: f64| {
         let worker = &worker;

@@ -5,8 +5,8 @@ use std::time::Duration;
 use alloy_primitives::U256;
 use herald_tests::chain::{NOTE_EVENT, TRANSFER_EVENT};
 use herald_tests::check::assert_exact_transfers;
-use herald_tests::herald::read_cursor;
-use herald_tests::{Stack, StreamReader, WorkerProcess, init_tracing, register_subscription, wait_for};
+use herald_tests::herald::wait_for_cursor;
+use herald_tests::{Stack, StreamReader, WorkerProcess, init_tracing, register_subscription};
 
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -54,12 +54,9 @@ async fn backfill_then_live_arrive_exactly_once_in_order_and_decoded() -> anyhow
 
     // Done when both cursors passed the last block: everything up to it is in the stream.
     for id in [&transfers.id, &notes_spec.id] {
-        wait_for("cursor past the last emitting block", DELIVERY_TIMEOUT, || async {
-            let c = read_cursor(&mut stack.etcd.client().await.ok()?, id).await.ok()??;
-            (c.block_number >= last_block).then_some(())
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))?;
+        wait_for_cursor(&stack.etcd, id, last_block, DELIVERY_TIMEOUT)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))?;
     }
 
     let transfer_messages = reader.read_all(&transfers.subject()).await?;

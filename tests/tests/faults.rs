@@ -22,12 +22,9 @@ async fn wait_for_cursor(
     block: u64,
     worker: &WorkerProcess,
 ) -> anyhow::Result<()> {
-    wait_for(&format!("cursor of {id} at block {block}"), TIMEOUT, || async {
-        let c = read_cursor(&mut etcd.client().await.ok()?, id).await.ok()??;
-        (c.block_number >= block).then_some(())
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))
+    herald_tests::herald::wait_for_cursor(etcd, id, block, TIMEOUT)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))
 }
 
 /// Waits until the worker's log contains `needle`.

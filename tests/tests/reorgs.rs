@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use herald_tests::chain::TRANSFER_EVENT;
 use herald_tests::check::fold;
-use herald_tests::herald::read_cursor;
+use herald_tests::herald::wait_for_cursor;
 use herald_tests::{Stack, StreamReader, WorkerProcess, init_tracing, register_subscription, wait_for};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -27,12 +27,9 @@ async fn shallow_reorgs_below_the_confirmation_depth_are_invisible() -> anyhow::
             stack.chain.emit_many(3).await?;
         }
         let head = stack.chain.head().await?;
-        wait_for("the cursor at head - 3", TIMEOUT, || async {
-            let c = read_cursor(&mut stack.etcd.client().await.ok()?, &spec.id).await.ok()??;
-            (c.block_number >= head - 3).then_some(())
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))?;
+        wait_for_cursor(&stack.etcd, &spec.id, head - 3, TIMEOUT)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))?;
         // The replaced blocks drop their logs, and the new ones hold different ones.
         stack.chain.reorg(depth, &[(2, 0)]).await?;
     }
@@ -78,12 +75,9 @@ async fn reorgs_fold_to_the_canonical_chain(
         let id = &spec.id;
         let worker = &worker;
         async move {
-            wait_for(&format!("the cursor at {target}"), TIMEOUT, || async {
-                let c = read_cursor(&mut etcd.client().await.ok()?, id).await.ok()??;
-                (c.block_number >= target).then_some(())
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))
+            wait_for_cursor(etcd, id, target, TIMEOUT)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))
         }
     };
     for &depth in depths {
@@ -145,23 +139,16 @@ async fn a_reorg_while_the_owner_is_down_is_repaired_on_restart() -> anyhow::Res
         stack.chain.emit_many(2).await?;
     }
     let head = stack.chain.head().await?;
-    wait_for("the cursor at the head", TIMEOUT, || async {
-        let c = read_cursor(&mut stack.etcd.client().await.ok()?, &spec.id).await.ok()??;
-        (c.block_number >= head).then_some(())
-    })
-    .await?;
+    wait_for_cursor(&stack.etcd, &spec.id, head, TIMEOUT).await?;
 
     worker.kill().await;
     stack.chain.reorg(3, &[(3, 0), (1, 1)]).await?;
     stack.chain.mine(1).await?;
     let worker = WorkerProcess::start(stack.worker_settings("worker-a"))?;
     let head = stack.chain.head().await?;
-    wait_for("the cursor at the new head", TIMEOUT, || async {
-        let c = read_cursor(&mut stack.etcd.client().await.ok()?, &spec.id).await.ok()??;
-        (c.block_number >= head).then_some(())
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))?;
+    wait_for_cursor(&stack.etcd, &spec.id, head, TIMEOUT)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))?;
     let canonical: Vec<_> = stack
         .chain
         .canonical_transfers(head)
