@@ -97,6 +97,7 @@ impl Stack {
             filters: Default::default(),
             start_block: herald_proto::StartBlock::Number(0),
             confirmations: 0,
+            finality: None,
             subject: None,
         }
     }

@@ -9,11 +9,13 @@ use std::future::Future;
 use std::time::Duration;
 
 use alloy::eips::BlockNumberOrTag;
-use alloy::providers::{Provider, RootProvider};
-use alloy::rpc::types::{Filter, Log};
-use alloy_primitives::{Address, B256};
-use herald_proto::ChainId;
+use alloy::providers::{Provider, RootProvider, WsConnect};
+use alloy::rpc::types::{Filter, Header, Log};
+use alloy_primitives::{Address, B256, Bloom, BloomInput};
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
 use herald_proto::settings::{redact_url, scrub};
+use herald_proto::{ChainId, Finality};
 
 /// A block's identity, enough to follow the chain and detect reorgs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +26,47 @@ pub struct BlockRef {
     pub hash: B256,
     /// Parent block hash.
     pub parent_hash: B256,
+    /// The header's bloom filter of every log address and topic in the block.
+    pub logs_bloom: Bloom,
+}
+
+impl BlockRef {
+    fn from_header(header: &Header) -> Self {
+        Self {
+            number: header.number,
+            hash: header.hash,
+            parent_hash: header.parent_hash,
+            logs_bloom: header.logs_bloom,
+        }
+    }
+
+    /// Whether the block may hold a log of `address` with, at each position, one of the
+    /// topics asked for. `false` is certain; `true` may be a false positive.
+    pub fn may_contain(&self, address: &Address, topics: &[Option<Vec<B256>>; 4]) -> bool {
+        self.logs_bloom.contains_input(BloomInput::Raw(address.as_slice()))
+            && topics.iter().flatten().all(|values| {
+                values.iter().any(|t| self.logs_bloom.contains_input(BloomInput::Raw(t.as_slice())))
+            })
+    }
+}
+
+/// A block the chain names by tag rather than number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tip {
+    /// The newest block.
+    Latest,
+    /// The newest block of a finality level.
+    Final(Finality),
+}
+
+impl Tip {
+    fn tag(self) -> BlockNumberOrTag {
+        match self {
+            Self::Latest => BlockNumberOrTag::Latest,
+            Self::Final(Finality::Safe) => BlockNumberOrTag::Safe,
+            Self::Final(Finality::Finalized) => BlockNumberOrTag::Finalized,
+        }
+    }
 }
 
 /// One `eth_getLogs` question: logs of `address` in `from..=to` whose topics match.
@@ -89,8 +132,9 @@ impl RpcError {
 pub trait ChainRpc: Send + Sync + 'static {
     /// `eth_chainId`.
     fn chain_id(&self) -> impl Future<Output = Result<ChainId, RpcError>> + Send;
-    /// `eth_blockNumber`.
-    fn head(&self) -> impl Future<Output = Result<u64, RpcError>> + Send;
+    /// `eth_getBlockByNumber` of a tag, header only; `None` when the endpoint has no such
+    /// block (e.g. `finalized` on a chain without finality).
+    fn tip(&self, tip: Tip) -> impl Future<Output = Result<Option<BlockRef>, RpcError>> + Send;
     /// `eth_getBlockByNumber`, header only.
     fn block(&self, number: u64) -> impl Future<Output = Result<BlockRef, RpcError>> + Send;
     /// `eth_getLogs`, validated and sorted by (block number, log index).
@@ -141,8 +185,10 @@ impl ChainRpc for AlloyRpc {
         self.call("eth_chainId", self.provider.get_chain_id()).await
     }
 
-    async fn head(&self) -> Result<u64, RpcError> {
-        self.call("eth_blockNumber", self.provider.get_block_number()).await
+    async fn tip(&self, tip: Tip) -> Result<Option<BlockRef>, RpcError> {
+        const METHOD: &str = "eth_getBlockByNumber";
+        let block = self.call(METHOD, self.provider.get_block_by_number(tip.tag()).into_future()).await?;
+        Ok(block.map(|b| BlockRef::from_header(&b.header)))
     }
 
     async fn block(&self, number: u64) -> Result<BlockRef, RpcError> {
@@ -160,7 +206,7 @@ impl ChainRpc for AlloyRpc {
                 message: format!("asked for block {number}, got {}", block.header.number),
             });
         }
-        Ok(BlockRef { number, hash: block.header.hash, parent_hash: block.header.parent_hash })
+        Ok(BlockRef::from_header(&block.header))
     }
 
     async fn logs(&self, query: &LogQuery) -> Result<Vec<Log>, RpcError> {
@@ -181,6 +227,37 @@ impl ChainRpc for AlloyRpc {
         validate_logs(query, &logs).map_err(|message| RpcError::BadAnswer { method: METHOD, message })?;
         logs.sort_by_key(|l| (l.block_number, l.log_index));
         Ok(logs)
+    }
+}
+
+/// New heads pushed by a WebSocket endpoint (`eth_subscribe("newHeads")`).
+pub struct HeadSubscription {
+    // Keeps the socket's background task alive as long as the stream is read.
+    _provider: RootProvider,
+    heads: BoxStream<'static, Header>,
+}
+
+impl HeadSubscription {
+    /// Connects and subscribes; fails if either does not happen within `timeout`.
+    pub async fn connect(url: &str, timeout: Duration) -> Result<Self, RpcError> {
+        const METHOD: &str = "eth_subscribe";
+        let failed = |message: String| RpcError::Transport { method: METHOD, message: scrub(&message, url) };
+        let subscribe = async {
+            let client = alloy::rpc::client::RpcClient::connect_pubsub(WsConnect::new(url))
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            let provider = RootProvider::new(client);
+            let subscription = provider.subscribe_blocks().await.map_err(|e| failed(e.to_string()))?;
+            Ok(Self { heads: subscription.into_stream().boxed(), _provider: provider })
+        };
+        tokio::time::timeout(timeout, subscribe)
+            .await
+            .map_err(|_| RpcError::Timeout { method: METHOD, after: timeout })?
+    }
+
+    /// The next head; `None` once the socket is gone.
+    pub async fn next(&mut self) -> Option<BlockRef> {
+        self.heads.next().await.map(|h| BlockRef::from_header(&h))
     }
 }
 

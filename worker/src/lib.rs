@@ -8,6 +8,7 @@
 //! - [`publish`]: `EventSink`, the narrow view of JetStream, and its async-nats adapter.
 //! - [`store`]: `CursorStore` and the etcd adapter (assignments, specs, fenced cursor writes).
 //! - [`ranges`], [`decode`]: pure decisions (which blocks next, log -> envelope).
+//! - [`heads`]: one head tracker per chain (socket or polling), its window of recent blocks.
 //! - [`pipeline`]: one subscription's fetch -> decode -> publish -> commit loop.
 //! - [`membership`]: the leased registration under `<prefix>/workers/<id>`.
 //! - [`supervisor`]: one pipeline task per assigned subscription, following etcd.
@@ -18,6 +19,7 @@
 pub mod chain;
 pub mod config;
 pub mod decode;
+pub mod heads;
 pub mod membership;
 pub mod metrics;
 pub mod pipeline;
@@ -87,6 +89,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     tracing::info!(stream = %config.nats.stream.name, "jetstream stream ready");
 
+    // The trackers outlive the supervisor: draining tasks still follow the head.
+    let trackers_stop = CancellationToken::new();
     let mut chains = HashMap::new();
     for (i, chain) in config.chains.iter().enumerate() {
         let rpc = AlloyRpc::new(&chain.rpc_urls[0], chain.request_timeout)
@@ -103,7 +107,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             );
         }
         tracing::info!(chain_id = chain.chain_id, url = rpc.redacted_url(), "chain reachable");
-        chains.insert(chain.chain_id, ChainHandle { rpc: Arc::new(rpc), config: chain.clone() });
+        let rpc = Arc::new(rpc);
+        let heads = heads::HeadTracker {
+            chain_id: chain.chain_id,
+            rpc: rpc.clone(),
+            ws_url: chain.ws_url.clone(),
+            poll_interval: chain.poll_interval,
+            request_timeout: chain.request_timeout,
+            metrics: metrics.clone(),
+        }
+        .spawn(trackers_stop.clone());
+        chains.insert(chain.chain_id, ChainHandle { rpc, heads, config: chain.clone() });
     }
 
     let lease = membership::LeaseClock::new();
@@ -132,6 +146,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     tracing::info!(worker_id = %config.worker_id, "worker running");
     supervisor.run(shutdown).await;
+    trackers_stop.cancel();
     // Leave the cluster only after every task stopped: revoking the lease releases the
     // assignments for other workers.
     membership_stop.cancel();

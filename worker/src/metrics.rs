@@ -32,6 +32,12 @@ pub struct Metrics {
     pub assigned_subscriptions: IntGauge,
     /// Publishes or cursor writes refused because the local lease deadline had passed.
     pub self_fenced: IntCounter,
+    /// Reorgs the head tracker saw, per chain.
+    pub chain_reorgs: IntCounterVec,
+    /// Whether new heads arrive over a WebSocket (1) or by polling (0), per chain.
+    pub heads_websocket: IntGaugeVec,
+    /// `eth_getLogs` answers asked again because a block's bloom says they miss logs.
+    pub incomplete_log_answers: IntCounterVec,
 }
 
 impl Metrics {
@@ -122,6 +128,24 @@ impl Metrics {
                 "herald_rpc_requests_total",
                 "JSON-RPC calls by method and outcome.",
                 &["chain_id", "method", "outcome"],
+            ),
+            chain_reorgs: counter_vec(
+                &registry,
+                "herald_chain_reorgs_total",
+                "Reorgs seen by the head tracker (blocks of its window replaced).",
+                &["chain_id"],
+            ),
+            heads_websocket: gauge_vec(
+                &registry,
+                "herald_chain_heads_websocket",
+                "1 while new heads arrive over a WebSocket subscription, 0 while polled.",
+                &["chain_id"],
+            ),
+            incomplete_log_answers: counter_vec(
+                &registry,
+                "herald_rpc_incomplete_log_answers_total",
+                "eth_getLogs answers asked again because a block's logsBloom says logs are missing.",
+                &["chain_id"],
             ),
             fenced,
             assigned_subscriptions,

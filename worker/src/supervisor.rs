@@ -39,6 +39,8 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 pub struct ChainHandle {
     /// Its endpoint.
     pub rpc: Arc<AlloyRpc>,
+    /// Its head, followed by one tracker for all its subscriptions.
+    pub heads: crate::heads::Heads,
     /// Its configuration.
     pub config: ChainConfig,
 }
@@ -334,6 +336,7 @@ impl Supervisor {
         };
         let task = SubscriptionTask {
             chain: chain.rpc.clone(),
+            heads: chain.heads.clone(),
             sink: self.sink.clone(),
             store: Arc::new(self.store.clone()),
             metrics: self.metrics.clone(),
