@@ -31,6 +31,8 @@ pub struct WorkerSettings {
     pub nats: String,
     /// Chain JSON-RPC URL.
     pub rpc: String,
+    /// Chain WebSocket URL for new heads.
+    pub ws: Option<String>,
     /// Largest `eth_getLogs` span.
     pub max_block_range: u64,
     /// Port for `/metrics`.
@@ -47,6 +49,7 @@ impl WorkerSettings {
             etcd,
             nats,
             rpc,
+            ws: None,
             max_block_range: 50,
             metrics_port: free_port(),
             lease_ttl_secs: 10,
@@ -79,7 +82,7 @@ lease_ttl = "{ttl}s"
 [[chains]]
 chain_id = {chain}
 rpc_urls = ["{rpc}"]
-poll_interval = "100ms"
+{ws}poll_interval = "100ms"
 max_block_range = {range}
 request_timeout = "3s"
 "#,
@@ -90,6 +93,7 @@ request_timeout = "3s"
             nats = self.nats,
             chain = ANVIL_CHAIN_ID,
             rpc = self.rpc,
+            ws = self.ws.as_ref().map(|u| format!("ws_url = \"{u}\"\n")).unwrap_or_default(),
             range = self.max_block_range,
         )
     }

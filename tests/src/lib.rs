@@ -16,6 +16,7 @@ pub mod chain;
 pub mod check;
 pub mod herald;
 pub mod process;
+pub mod rpc_proxy;
 pub mod services;
 pub mod wait;
 

@@ -339,6 +339,7 @@ impl<R: ChainRpc> HeadTracker<R> {
         let mut failing = false;
         let mut lagging = false;
         let mut tag_failures = 0u32;
+        self.metrics.heads_websocket.with_label_values(&[&chain]).set(0);
         loop {
             let head = tokio::select! {
                 _ = cancel.cancelled() => return,
