@@ -152,3 +152,99 @@ async fn finality_tags_hold_logs_back_until_final() -> anyhow::Result<()> {
     assert_exact_transfers(&reader.read_all(&spec.subject()).await?, 10);
     Ok(())
 }
+
+/// A backfill through an endpoint that behaves like real providers at once: ranges over 6
+/// blocks refused (Alchemy, QuickNode, reth and Ankr wording), answers over 25 logs refused
+/// (Infura, reth, geth wording), 429 with `Retry-After`, 503s, answers slower than the
+/// timeout and dropped connections. Every log arrives exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_through_a_misbehaving_provider_is_exact() -> anyhow::Result<()> {
+    init_tracing();
+    let stack = Stack::start().await?;
+    let mut last = 0;
+    for _ in 0..40 {
+        last = stack.chain.emit_many(10).await?;
+    }
+    let proxy = RpcProxy::start(&stack.anvil.url()).await?;
+    let faults = proxy.faults();
+    faults.max_range.store(6, Ordering::SeqCst);
+    faults.max_results.store(25, Ordering::SeqCst);
+    faults.rate_limit_every.store(7, Ordering::SeqCst);
+    faults.server_error_every.store(11, Ordering::SeqCst);
+    faults.slow_every.store(13, Ordering::SeqCst);
+    faults.slow_ms.store(1500, Ordering::SeqCst);
+    faults.drop_every.store(17, Ordering::SeqCst);
+    let mut etcd = stack.etcd.client().await?;
+    let spec = stack.subscription("providers", TRANSFER_EVENT);
+    register_subscription(&mut etcd, &spec, "worker-a").await?;
+    let mut settings = stack.worker_settings("worker-a");
+    settings.rpc = proxy.url();
+    settings.max_block_range = 1000;
+    settings.request_timeout_ms = 1000;
+    let worker = WorkerProcess::start(settings)?;
+
+    wait_for_cursor(&stack.etcd, &spec.id, last, Duration::from_secs(120))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))?;
+    let reader = StreamReader::connect(&stack.nats.url()).await?;
+    assert_exact_transfers(&reader.read_all(&spec.subject()).await?, 400);
+    let c = proxy.counters();
+    for (fault, count) in [
+        ("refused range", &c.refused_ranges),
+        ("429", &c.rate_limited),
+        ("503", &c.server_errors),
+        ("slow answer", &c.slowed),
+        ("dropped connection", &c.dropped),
+    ] {
+        assert!(count.load(Ordering::SeqCst) > 0, "no {fault} happened: the test proves nothing");
+    }
+    assert!(worker.metric("herald_rpc_range_splits_total", &[]).await.unwrap_or(0.0) > 0.0);
+    Ok(())
+}
+
+/// Two endpoints for one chain; the first is killed mid-backfill: the worker fails over to
+/// the second, returns to the first once it is back, and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_endpoint_fails_over_and_back() -> anyhow::Result<()> {
+    init_tracing();
+    let stack = Stack::start().await?;
+    let mut last = 0;
+    for _ in 0..60 {
+        last = stack.chain.emit_many(2).await?;
+    }
+    let mut primary = RpcProxy::start(&stack.anvil.url()).await?;
+    let secondary = RpcProxy::start(&stack.anvil.url()).await?;
+    let mut etcd = stack.etcd.client().await?;
+    let spec = stack.subscription("failover", TRANSFER_EVENT);
+    register_subscription(&mut etcd, &spec, "worker-a").await?;
+    let mut settings = stack.worker_settings("worker-a");
+    settings.rpc = primary.url();
+    settings.fallback_rpc = vec![secondary.url()];
+    settings.max_block_range = 1;
+    settings.requests_per_second = Some(25);
+    settings.request_timeout_ms = 1000;
+    let worker = WorkerProcess::start(settings)?;
+    let fail = |e: anyhow::Error| anyhow::anyhow!("{e}\n{}", worker.log_tail());
+
+    wait_for_cursor(&stack.etcd, &spec.id, last - 45, TIMEOUT).await.map_err(fail)?;
+    primary.kill();
+    assert_eq!(secondary.counters().get_logs.load(Ordering::SeqCst), 0, "the secondary was used too early");
+    wait_for_cursor(&stack.etcd, &spec.id, last, TIMEOUT).await.map_err(fail)?;
+    assert!(secondary.counters().get_logs.load(Ordering::SeqCst) > 0, "no failover happened");
+
+    primary.revive().await?;
+    let served_before = primary.counters().get_logs.load(Ordering::SeqCst);
+    wait_for("the worker to return to the primary", TIMEOUT, || async {
+        stack.chain.emit_many(2).await.ok()?;
+        (primary.counters().get_logs.load(Ordering::SeqCst) > served_before).then_some(())
+    })
+    .await
+    .map_err(fail)?;
+    let live_last = stack.chain.emit_many(2).await?;
+    wait_for_cursor(&stack.etcd, &spec.id, live_last, TIMEOUT).await.map_err(fail)?;
+    let canonical = stack.chain.canonical_transfers(live_last).await?;
+    let reader = StreamReader::connect(&stack.nats.url()).await?;
+    assert_exact_transfers(&reader.read_all(&spec.subject()).await?, canonical.len() as u64);
+    assert!(worker.metric("herald_rpc_failovers_total", &[]).await.unwrap_or(0.0) > 0.0);
+    Ok(())
+}

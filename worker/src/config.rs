@@ -120,7 +120,8 @@ impl Default for StreamConfig {
 pub struct ChainConfig {
     /// EIP-155 chain id; checked against `eth_chainId` at start.
     pub chain_id: ChainId,
-    /// JSON-RPC endpoints (http/https); the first healthy one is used.
+    /// JSON-RPC endpoints (http/https), in order of preference: the first healthy one is used,
+    /// the next ones take over while it is down.
     pub rpc_urls: Vec<String>,
     /// WebSocket endpoint (ws/wss) for new heads; without it, or while it is down, the head
     /// is polled.
@@ -132,6 +133,9 @@ pub struct ChainConfig {
     /// Largest block span of one `eth_getLogs` call.
     #[serde(default = "default_max_block_range")]
     pub max_block_range: u64,
+    /// Request-rate limit of each endpoint (calls wait for it); unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<std::num::NonZeroU32>,
     /// Timeout of one RPC call.
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,

@@ -4,10 +4,12 @@
 //! Layout, from the edge inwards:
 //!
 //! - [`config`]: the one configuration struct (file + `HERALD_*` env).
-//! - [`chain`]: `ChainRpc`, the narrow view of a JSON-RPC endpoint, and its alloy adapter.
+//! - [`chain`]: `ChainRpc`, the narrow view of a JSON-RPC endpoint, and its HTTP adapter.
+//! - [`endpoints`]: a chain's endpoints as one `ChainRpc` (failover, rate limits, recovery).
 //! - [`publish`]: `EventSink`, the narrow view of JetStream, and its async-nats adapter.
 //! - [`store`]: `CursorStore` and the etcd adapter (assignments, specs, fenced cursor writes).
-//! - [`ranges`], [`decode`]: pure decisions (which blocks next, log -> envelope).
+//! - [`ranges`], [`limits`], [`decode`]: pure decisions (which blocks next, how many at once
+//!   given what providers refuse, log -> envelope).
 //! - [`heads`]: one head tracker per chain (socket or polling), its window of recent blocks.
 //! - [`pipeline`]: one subscription's fetch -> decode -> publish -> commit loop.
 //! - [`membership`]: the leased registration under `<prefix>/workers/<id>`.
@@ -19,7 +21,9 @@
 pub mod chain;
 pub mod config;
 pub mod decode;
+pub mod endpoints;
 pub mod heads;
+pub mod limits;
 pub mod membership;
 pub mod metrics;
 pub mod pipeline;
@@ -36,8 +40,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::chain::{AlloyRpc, ChainRpc};
+use crate::chain::HttpRpc;
 use crate::config::Config;
+use crate::endpoints::{EndpointConfig, EndpointPool};
 use crate::metrics::Metrics;
 use crate::publish::JetStreamSink;
 use crate::retry::retry;
@@ -93,20 +98,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let trackers_stop = CancellationToken::new();
     let mut chains = HashMap::new();
     for (i, chain) in config.chains.iter().enumerate() {
-        let rpc = AlloyRpc::new(&chain.rpc_urls[0], chain.request_timeout)
-            .map_err(|e| anyhow::anyhow!("chains[{i}].rpc_urls[0]: {e}"))?;
-        let what = format!("reach chain {} at {}", chain.chain_id, rpc.redacted_url());
-        let Some(reported) = retry(&what, &shutdown, || rpc.chain_id()).await else {
+        let mut endpoints = Vec::new();
+        for (j, url) in chain.rpc_urls.iter().enumerate() {
+            let rpc = HttpRpc::new(url, chain.request_timeout)
+                .map_err(|e| anyhow::anyhow!("chains[{i}].rpc_urls[{j}]: {e}"))?;
+            endpoints.push(EndpointConfig { name: rpc.redacted_url().to_owned(), rpc });
+        }
+        let names: Vec<String> = endpoints.iter().map(|e| e.name.clone()).collect();
+        let rpc = EndpointPool::new(chain.chain_id, endpoints, chain.requests_per_second, metrics.clone());
+        let what = format!("reach chain {} at {}", chain.chain_id, names.join(", "));
+        let Some(verified) = retry(&what, &shutdown, || rpc.verify_chain()).await else {
             return Ok(());
         };
-        if reported != chain.chain_id {
-            anyhow::bail!(
-                "chains[{i}].chain_id: configured {} but {} reports chain id {reported}",
-                chain.chain_id,
-                rpc.redacted_url()
-            );
-        }
-        tracing::info!(chain_id = chain.chain_id, url = rpc.redacted_url(), "chain reachable");
+        verified.map_err(|e| anyhow::anyhow!("chains[{i}].rpc_urls: {e}"))?;
+        tracing::info!(chain_id = chain.chain_id, endpoints = ?names, "chain reachable");
         let rpc = Arc::new(rpc);
         let heads = heads::HeadTracker {
             chain_id: chain.chain_id,

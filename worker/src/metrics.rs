@@ -38,6 +38,14 @@ pub struct Metrics {
     pub heads_websocket: IntGaugeVec,
     /// `eth_getLogs` answers asked again because a block's bloom says they miss logs.
     pub incomplete_log_answers: IntCounterVec,
+    /// `eth_getLogs` ranges refused by a provider and asked again smaller.
+    pub rpc_range_splits: IntCounterVec,
+    /// Calls that moved on to the next endpoint of a chain.
+    pub rpc_failovers: IntCounterVec,
+    /// Calls that waited for an endpoint's request-rate quota.
+    pub rpc_rate_limit_waits: IntCounterVec,
+    /// Whether an endpoint is up (1) or down (0), by configuration index.
+    pub rpc_endpoint_up: IntGaugeVec,
 }
 
 impl Metrics {
@@ -146,6 +154,30 @@ impl Metrics {
                 "herald_rpc_incomplete_log_answers_total",
                 "eth_getLogs answers asked again because a block's logsBloom says logs are missing.",
                 &["chain_id"],
+            ),
+            rpc_range_splits: counter_vec(
+                &registry,
+                "herald_rpc_range_splits_total",
+                "eth_getLogs ranges refused by a provider (too many blocks, results or too slow) and asked again smaller.",
+                &["chain_id"],
+            ),
+            rpc_failovers: counter_vec(
+                &registry,
+                "herald_rpc_failovers_total",
+                "Calls that moved on to the next endpoint of the chain.",
+                &["chain_id"],
+            ),
+            rpc_rate_limit_waits: counter_vec(
+                &registry,
+                "herald_rpc_rate_limit_waits_total",
+                "Calls that waited for an endpoint's requests_per_second quota.",
+                &["chain_id", "endpoint"],
+            ),
+            rpc_endpoint_up: gauge_vec(
+                &registry,
+                "herald_rpc_endpoint_up",
+                "1 while an endpoint answers, 0 while it is down (endpoint = index in rpc_urls).",
+                &["chain_id", "endpoint"],
             ),
             fenced,
             assigned_subscriptions,

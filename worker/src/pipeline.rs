@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::chain::{BlockRef, ChainRpc, LogQuery, RpcError};
 use crate::decode;
 use crate::heads::{ChainView, Heads, TagState};
+use crate::limits::{RangeHint, RangeSizer};
 use crate::membership::LeaseClock;
 use crate::metrics::Metrics;
 use crate::publish::{EventSink, PublishError};
@@ -89,6 +90,8 @@ struct Progress {
     last_seq: u64,
     /// Whether the missing finality tags of the chain were reported already.
     reported_no_finality: bool,
+    /// Span of the next `eth_getLogs`, adapting to what the provider accepts.
+    sizer: RangeSizer,
 }
 
 impl Progress {
@@ -100,6 +103,7 @@ impl Progress {
             published_through: None,
             cursor: Some(cursor),
             reported_no_finality: false,
+            sizer: RangeSizer::new(1),
         }
     }
 
@@ -111,6 +115,7 @@ impl Progress {
             published_through: None,
             last_seq: 0,
             reported_no_finality: false,
+            sizer: RangeSizer::new(1),
         }
     }
 }
@@ -139,6 +144,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         let Some(mut progress) = resume else {
             return Exit::Cancelled;
         };
+        progress.sizer = RangeSizer::new(self.max_block_range);
         let subject = self.spec.subject();
         let Some(tail) = retry("read the stream tail", &cancel, || self.sink.last_published(&subject)).await
         else {
@@ -293,7 +299,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 }
             }
         }
-        let Some(range) = next_range(p.next, target, self.max_block_range) else {
+        let Some(range) = next_range(p.next, target, p.sizer.span()) else {
             return Ok(Step::Idle);
         };
         let (from, to) = (*range.start(), *range.end());
@@ -305,9 +311,30 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         let Some(last_block) = self.canonical_block(view, to, cancel).await? else {
             return Ok(Step::Exit(Exit::Cancelled));
         };
-        let Some(logs) = self.fetch_logs(&query, view, &last_block, cancel).await? else {
-            return Ok(Step::Exit(Exit::Cancelled));
+        let span = to - from + 1;
+        let logs = match self.fetch_logs(&query, view, &last_block, cancel).await {
+            Ok(Some(logs)) => logs,
+            Ok(None) => return Ok(Step::Exit(Exit::Cancelled)),
+            Err(RpcError::RangeTooLarge { hint, .. }) if span > 1 => {
+                let next = p.sizer.refused(span, hint);
+                self.metrics.rpc_range_splits.with_label_values(&[&labels[0]]).inc();
+                tracing::debug!(
+                    from,
+                    to,
+                    ?hint,
+                    next_span = next,
+                    "provider refused the range; asking smaller"
+                );
+                return Ok(Step::Continue);
+            }
+            Err(e @ RpcError::Timeout { .. }) if span > 1 => {
+                p.sizer.refused(span, RangeHint::TooLarge);
+                self.metrics.rpc_range_splits.with_label_values(&[&labels[0]]).inc();
+                return Err(e);
+            }
+            Err(e) => return Err(e),
         };
+        p.sizer.answered(span, logs.len());
 
         for log in logs.iter().filter(|l| self.event.matches_topics(l.topics())) {
             let mut envelope = decode::envelope(self.spec.chain_id, &self.spec.id, &self.event, log);
