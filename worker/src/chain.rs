@@ -79,15 +79,15 @@ impl Tip {
     }
 }
 
-/// One `eth_getLogs` question: logs of `address` in `from..=to` whose topics match.
+/// One `eth_getLogs` question: logs of any of `addresses` in `from..=to` whose topics match.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogQuery {
     /// First block, inclusive.
     pub from: u64,
     /// Last block, inclusive.
     pub to: u64,
-    /// Emitting contract.
-    pub address: Address,
+    /// Emitting contracts (any of them).
+    pub addresses: Vec<Address>,
     /// topic0..topic3; `None` matches anything, `Some(v)` any of `v`.
     pub topics: [Option<Vec<B256>>; 4],
 }
@@ -369,7 +369,7 @@ impl ChainRpc for HttpRpc {
         let filter = serde_json::json!([{
             "fromBlock": format!("{:#x}", query.from),
             "toBlock": format!("{:#x}", query.to),
-            "address": query.address,
+            "address": query.addresses,
             "topics": topics,
         }]);
         let mut logs: Vec<Log> = self.request(METHOD, filter).await?.unwrap_or_default();
@@ -421,8 +421,8 @@ fn validate_logs(query: &LogQuery, logs: &[Log]) -> Result<(), String> {
         if number < query.from || number > query.to {
             return Err(format!("log in block {number} outside {}..={}", query.from, query.to));
         }
-        if log.address() != query.address {
-            return Err(format!("log from {} but asked for {}", log.address(), query.address));
+        if !query.addresses.contains(&log.address()) {
+            return Err(format!("log from {} but asked for {:?}", log.address(), query.addresses));
         }
     }
     Ok(())
@@ -452,7 +452,7 @@ mod tests {
     #[test]
     fn validation_rejects_answers_that_cannot_be_right() {
         let a = address!("0x1111111111111111111111111111111111111111");
-        let q = LogQuery { from: 10, to: 20, address: a, topics: Default::default() };
+        let q = LogQuery { from: 10, to: 20, addresses: vec![a], topics: Default::default() };
         assert!(validate_logs(&q, &[log(Some(10), a), log(Some(20), a)]).is_ok());
         assert!(validate_logs(&q, &[log(Some(21), a)]).unwrap_err().contains("outside"));
         assert!(validate_logs(&q, &[log(None, a)]).unwrap_err().contains("without"));

@@ -133,6 +133,9 @@ pub struct ChainConfig {
     /// Largest block span of one `eth_getLogs` call.
     #[serde(default = "default_max_block_range")]
     pub max_block_range: u64,
+    /// Most contracts in one shared `eth_getLogs` of the subscriptions at the head.
+    #[serde(default = "default_max_addresses_per_call")]
+    pub max_addresses_per_call: usize,
     /// Request-rate limit of each endpoint (calls wait for it); unlimited when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_second: Option<std::num::NonZeroU32>,
@@ -146,6 +149,9 @@ fn default_poll_interval() -> Duration {
 }
 fn default_max_block_range() -> u64 {
     1_000
+}
+fn default_max_addresses_per_call() -> usize {
+    100
 }
 fn default_request_timeout() -> Duration {
     Duration::from_secs(10)
@@ -233,6 +239,9 @@ impl Config {
                 && !(url.starts_with("ws://") || url.starts_with("wss://"))
             {
                 return Err(invalid(format!("chains[{i}].ws_url"), "must be a ws:// or wss:// URL"));
+            }
+            if chain.max_addresses_per_call == 0 {
+                return Err(invalid(format!("chains[{i}].max_addresses_per_call"), "must be at least 1"));
             }
             if chain.max_block_range == 0 {
                 return Err(invalid(format!("chains[{i}].max_block_range"), "must be at least 1"));

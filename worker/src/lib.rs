@@ -11,6 +11,8 @@
 //! - [`ranges`], [`limits`], [`decode`]: pure decisions (which blocks next, how many at once
 //!   given what providers refuse, log -> envelope).
 //! - [`heads`]: one head tracker per chain (socket or polling), its window of recent blocks.
+//! - [`live`]: merged live fetching, one `eth_getLogs` per new range for every subscription at
+//!   the head.
 //! - [`pipeline`]: one subscription's fetch -> decode -> publish -> commit loop.
 //! - [`membership`]: the leased registration under `<prefix>/workers/<id>`.
 //! - [`supervisor`]: one pipeline task per assigned subscription, following etcd.
@@ -24,6 +26,7 @@ pub mod decode;
 pub mod endpoints;
 pub mod heads;
 pub mod limits;
+pub mod live;
 pub mod membership;
 pub mod metrics;
 pub mod pipeline;
@@ -122,7 +125,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             metrics: metrics.clone(),
         }
         .spawn(trackers_stop.clone());
-        chains.insert(chain.chain_id, ChainHandle { rpc, heads, config: chain.clone() });
+        let live =
+            live::LiveLogs::new(chain.chain_id, rpc.clone(), chain.max_addresses_per_call, metrics.clone());
+        chains.insert(chain.chain_id, ChainHandle { rpc, heads, live, config: chain.clone() });
     }
 
     let lease = membership::LeaseClock::new();

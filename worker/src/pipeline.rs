@@ -20,6 +20,7 @@ use crate::chain::{BlockRef, ChainRpc, LogQuery, RpcError};
 use crate::decode;
 use crate::heads::{ChainView, Heads, TagState};
 use crate::limits::{RangeHint, RangeSizer};
+use crate::live::{LiveLogs, LiveMember};
 use crate::membership::LeaseClock;
 use crate::metrics::Metrics;
 use crate::publish::{EventSink, PublishError};
@@ -46,6 +47,8 @@ pub struct SubscriptionTask<R, S, C> {
     pub chain: Arc<R>,
     /// The chain's head, followed by its tracker.
     pub heads: Heads,
+    /// The chain's shared fetch for subscriptions at the head (none: always fetch alone).
+    pub live: Option<Arc<LiveLogs<R>>>,
     /// Where envelopes go.
     pub sink: Arc<S>,
     /// Where the cursor lives.
@@ -174,6 +177,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
 
         let _finality = self.spec.finality.map(|_| self.heads.want_finality());
         let mut heads = self.heads.subscribe();
+        let mut member = None;
         let mut backoff = Backoff::network();
         loop {
             if drain.is_cancelled() {
@@ -181,7 +185,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 return Exit::Drained;
             }
             let view = heads.borrow_and_update().clone();
-            let step = self.step(&mut progress, &view, &subject, &cancel).await;
+            let step = self.step(&mut progress, &mut member, &view, &subject, &cancel).await;
             match step {
                 Ok(Step::Continue) => backoff.reset(),
                 Ok(Step::Idle) => {
@@ -257,6 +261,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
     async fn step(
         &self,
         p: &mut Progress,
+        member: &mut Option<LiveMember<R>>,
         view: &ChainView,
         subject: &str,
         cancel: &CancellationToken,
@@ -310,11 +315,24 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         let mut topics: [Option<Vec<_>>; 4] = Default::default();
         topics[0] = Some(vec![self.event.selector]);
         topics[1..].clone_from_slice(&self.event.topic_filters);
-        let query = LogQuery { from, to, address: self.spec.address, topics };
+        let query = LogQuery { from, to, addresses: vec![self.spec.address], topics };
         let Some(last_block) = self.canonical_block(view, to, cancel).await? else {
             return Ok(Step::Exit(Exit::Cancelled));
         };
         let span = to - from + 1;
+        // At the head, the chain's shared fetch answers for every subscription at once.
+        if let Some(live) = &self.live
+            && view.block(from).is_some()
+        {
+            let member = member.get_or_insert_with(|| live.join(self.spec.address, self.event.selector));
+            let shared = tokio::select! {
+                _ = cancel.cancelled() => return Ok(Step::Exit(Exit::Cancelled)),
+                r = live.logs(member, from, to, view) => r,
+            };
+            if let Ok(Some(logs)) = shared {
+                return self.deliver(p, logs, to, last_block.hash, head, target, subject, cancel).await;
+            }
+        }
         let logs = match self.fetch_logs(&query, view, &last_block, cancel).await {
             Ok(Some(logs)) => logs,
             Ok(None) => return Ok(Step::Exit(Exit::Cancelled)),
@@ -338,6 +356,24 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             Err(e) => return Err(e),
         };
         p.sizer.answered(span, logs.len());
+        self.deliver(p, logs, to, last_block.hash, head, target, subject, cancel).await
+    }
+
+    /// Publishes the subscription's logs of a range ending at block `to` (hash `to_hash`) and
+    /// commits the cursor there.
+    #[allow(clippy::too_many_arguments)]
+    async fn deliver(
+        &self,
+        p: &mut Progress,
+        logs: Vec<Log>,
+        to: u64,
+        to_hash: B256,
+        head: u64,
+        target: u64,
+        subject: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Step, RpcError> {
+        let labels = self.labels();
 
         let mut envelopes = Vec::with_capacity(logs.len());
         for log in logs.iter().filter(|l| self.event.matches_topics(l.topics())) {
@@ -367,10 +403,10 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             }
         }
 
-        let checkpoint = Checkpoint { block_number: to, block_hash: last_block.hash, stream_seq: p.last_seq };
+        let checkpoint = Checkpoint { block_number: to, block_hash: to_hash, stream_seq: p.last_seq };
         let cursor = match &p.cursor {
             Some(previous) => previous.advance(checkpoint, REORG_WINDOW.max(2 * self.spec.confirmations)),
-            None => Cursor { stream_seq: p.last_seq, ..Cursor::at(to, last_block.hash, p.epoch) },
+            None => Cursor { stream_seq: p.last_seq, ..Cursor::at(to, to_hash, p.epoch) },
         };
         if let Err(exit) = self.commit(&cursor, cancel).await {
             return Ok(Step::Exit(exit));
@@ -658,7 +694,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 .window
                 .range(query.from, query.to)
                 .chain(std::iter::once(last_block))
-                .filter(|b| b.may_contain(&query.address, &query.topics))
+                .filter(|b| query.addresses.iter().any(|a| b.may_contain(a, &query.topics)))
                 .filter(|b| merged.range((b.number, 0)..=(b.number, u64::MAX)).next().is_none())
                 .map(|b| b.number)
                 .collect();
@@ -979,6 +1015,7 @@ mod tests {
         }
         .spawn(CancellationToken::new());
         SubscriptionTask {
+            live: Some(crate::live::LiveLogs::new(1, chain.clone(), 100, Metrics::new())),
             chain,
             heads,
             sink,

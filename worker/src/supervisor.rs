@@ -41,6 +41,8 @@ pub struct ChainHandle {
     pub rpc: Arc<EndpointPool>,
     /// Its head, followed by one tracker for all its subscriptions.
     pub heads: crate::heads::Heads,
+    /// Its shared fetch for the subscriptions at the head.
+    pub live: Arc<crate::live::LiveLogs<EndpointPool>>,
     /// Its configuration.
     pub config: ChainConfig,
 }
@@ -337,6 +339,7 @@ impl Supervisor {
         let task = SubscriptionTask {
             chain: chain.rpc.clone(),
             heads: chain.heads.clone(),
+            live: Some(chain.live.clone()),
             sink: self.sink.clone(),
             store: Arc::new(self.store.clone()),
             metrics: self.metrics.clone(),
