@@ -46,7 +46,10 @@ use crate::supervisor::{ChainHandle, Supervisor};
 /// retried with backoff (and logged), never fatal; a chain answering with another chain id
 /// than configured is fatal.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let metrics = Metrics::new();
+    let metrics = Metrics::for_worker(config.worker_id.as_str());
+    for chain in &config.chains {
+        metrics.init_chain(chain.chain_id, chain.rpc_urls.len());
+    }
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -116,6 +119,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ),
         ttl: config.membership.lease_ttl,
         clock: lease.clone(),
+        metrics: metrics.clone(),
     };
     let membership_stop = CancellationToken::new();
     let membership_task = tokio::spawn(membership.run(membership_stop.clone()));
