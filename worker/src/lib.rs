@@ -33,6 +33,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::chain::{AlloyRpc, ChainRpc};
 use crate::config::Config;
@@ -122,9 +123,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics: metrics.clone(),
     };
     let membership_stop = CancellationToken::new();
-    let membership_task = tokio::spawn(membership.run(membership_stop.clone()));
+    let membership_task = tokio::spawn(membership.run(membership_stop.clone()).in_current_span());
 
-    tokio::spawn(watch_drain_request(store.clone(), config.worker_id.clone(), shutdown.clone()));
+    tokio::spawn(
+        watch_drain_request(store.clone(), config.worker_id.clone(), shutdown.clone()).in_current_span(),
+    );
 
     let supervisor = Supervisor {
         worker_id: config.worker_id.clone(),
