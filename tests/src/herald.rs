@@ -37,6 +37,8 @@ pub struct WorkerSettings {
     pub metrics_port: u16,
     /// Membership lease TTL in seconds.
     pub lease_ttl_secs: u64,
+    /// Logs as JSON lines (`log_format = "json"`) instead of text.
+    pub json_logs: bool,
 }
 
 impl WorkerSettings {
@@ -50,6 +52,7 @@ impl WorkerSettings {
             max_block_range: 50,
             metrics_port: free_port(),
             lease_ttl_secs: 10,
+            json_logs: false,
         }
     }
 
@@ -58,6 +61,7 @@ impl WorkerSettings {
         format!(
             r#"worker_id = "{id}"
 metrics_listen = "127.0.0.1:{metrics}"
+log_format = "{log_format}"
 
 [etcd]
 endpoints = ["{etcd}"]
@@ -84,6 +88,7 @@ max_block_range = {range}
 request_timeout = "3s"
 "#,
             ttl = self.lease_ttl_secs,
+            log_format = if self.json_logs { "json" } else { "text" },
             id = self.worker_id,
             metrics = self.metrics_port,
             etcd = self.etcd,

@@ -232,10 +232,14 @@ async fn no_secret_reaches_a_log_line() -> anyhow::Result<()> {
     let anvil_port = free_port();
     let rpc = format!("http://herald:{PASSWORD}@127.0.0.1:{anvil_port}/?apikey={API_KEY}");
 
-    // The chain is down at first: the failures are logged, with the URL in their errors.
-    let worker =
-        WorkerProcess::start(WorkerSettings::new("worker-a", etcd.endpoint(), nats.url(), rpc.clone()))?;
-    wait_for_log(&worker, "what=\"reach chain 31337").await?;
+    // The chain is down at first: the failures are logged, with the URL in their errors. The
+    // worker logs JSON, the coordinator text: both formats are covered.
+    let settings = WorkerSettings {
+        json_logs: true,
+        ..WorkerSettings::new("worker-a", etcd.endpoint(), nats.url(), rpc.clone())
+    };
+    let worker = WorkerProcess::start(settings)?;
+    wait_for_log(&worker, "\"what\":\"reach chain 31337").await?;
     let anvil = Anvil::start_on(anvil_port).await?;
     wait_for_log(&worker, "worker running").await?;
     let chain = TestChain::deploy(&anvil.url()).await?;
@@ -245,9 +249,37 @@ async fn no_secret_reaches_a_log_line() -> anyhow::Result<()> {
         "event": TRANSFER_EVENT, "start_block": 0,
     });
     assert_eq!(coordinator.post("/v1/subscriptions", &body).await?.0, 201);
+    // A rejected token that contains the real one is not logged either.
+    let wrong = coordinator
+        .http()
+        .post(coordinator.url("/v1/subscriptions/transfers/pause"))
+        .bearer_auth(format!("{ADMIN_TOKEN}-wrong"))
+        .send()
+        .await?;
+    assert_eq!(wrong.status().as_u16(), 401);
     chain.emit_many(3).await?;
     let reader = StreamReader::connect(&nats.url()).await?;
     reader.wait_for_count("herald.events.31337.transfers", 3, TIMEOUT).await?;
+
+    // Every worker line is JSON, and a subscription's lines carry its span's identifiers.
+    let log = worker.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).map_err(|e| anyhow::anyhow!("not a JSON log line ({e}): {l}")))
+        .collect::<anyhow::Result<_>>()?;
+    let started = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "subscription started")
+        .ok_or_else(|| anyhow::anyhow!("no `subscription started` line:\n{log}"))?;
+    let span = &started["span"];
+    assert_eq!(span["subscription_id"], "transfers", "{started}");
+    assert_eq!(span["worker_id"], "worker-a", "{started}");
+    assert_eq!(span["chain_id"], 31337, "{started}");
+    let registered = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "worker registered")
+        .ok_or_else(|| anyhow::anyhow!("no `worker registered` line:\n{log}"))?;
+    assert_eq!(registered["span"]["worker_id"], "worker-a", "{registered}");
 
     for (name, log) in [("worker", worker.log()), ("coordinator", coordinator.log())] {
         assert!(log.contains("127.0.0.1"), "{name} logged nothing useful");
