@@ -35,6 +35,7 @@ alerts-check: deps
 ## Dashboards against a real Prometheus scraping a live cluster with traffic (and the alert
 ## rules checked and loaded); last line: dashboards: P panels, Q queries, E empty or failing.
 dashboards-check: build alerts-check
+	python3 dashboards/generate.py --check
 	@cargo run -q -p herald-tests --bin herald-dashboards-check
 
 ## schemathesis against a live coordinator (all checks); last line: api fuzz: N requests, M server errors, K schema violations.

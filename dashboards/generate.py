@@ -3,11 +3,13 @@
 
 The JSON files are committed (the Helm chart ships them as a ConfigMap for Grafana's
 sidecar); edit this file and run `python3 dashboards/generate.py` to change them.
-`make dashboards-check` proves every query against a real Prometheus scraping a cluster.
+`make dashboards-check` proves every query against a real Prometheus scraping a cluster, and
+`--check` (which it runs) fails when the committed JSON differs from what this file generates.
 """
 
 import json
 import pathlib
+import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
 DS = {"type": "prometheus", "uid": "${datasource}"}
@@ -316,7 +318,17 @@ rebalancing = dashboard(
     ],
 )
 
+check = "--check" in sys.argv[1:]
+stale = []
 for name, d in [("overview", overview), ("subscription", subscription), ("rpc", rpc), ("jetstream", jetstream),
                 ("rebalancing", rebalancing)]:
-    (HERE / f"herald-{name}.json").write_text(json.dumps(d, indent=2) + "\n")
-    print(f"dashboards/herald-{name}.json: {len(d['panels'])} panels")
+    path = HERE / f"herald-{name}.json"
+    text = json.dumps(d, indent=2) + "\n"
+    if check:
+        if not path.exists() or path.read_text() != text:
+            stale.append(path.name)
+        continue
+    path.write_text(text)
+    print(f"dashboards/{path.name}: {len(d['panels'])} panels")
+if stale:
+    sys.exit(f"dashboards: {', '.join(stale)} differ from dashboards/generate.py; run python3 dashboards/generate.py")

@@ -13,7 +13,7 @@ pub struct Metrics {
     registry: Registry,
     /// API requests by route and status.
     pub api_requests: IntCounterVec,
-    /// Subscriptions by state, as of the last list.
+    /// Registered subscriptions by state (set by reconcile rounds and list requests).
     pub subscriptions: IntGaugeVec,
     /// 1 while this replica is the leader.
     pub is_leader: IntGauge,
@@ -48,7 +48,7 @@ impl Metrics {
         )
         .expect("valid metric");
         let subscriptions = IntGaugeVec::new(
-            Opts::new("herald_subscriptions", "Registered subscriptions by state, as of the last list."),
+            Opts::new("herald_subscriptions", "Registered subscriptions by state (active, paused)."),
             &["state"],
         )
         .expect("valid metric");

@@ -361,6 +361,30 @@ impl Metrics {
         self.rpc_duration.with_label_values(&[chain, method]).observe(elapsed.as_secs_f64());
     }
 
+    /// Counts a switch from one endpoint of `chain` to another (for the endpoint pool).
+    pub fn rpc_failover(&self, chain: u64) {
+        self.rpc_failovers.with_label_values(&[&chain.to_string()]).inc();
+    }
+
+    /// Counts a wait imposed by the rate limit of endpoint `endpoint` (its index in the chain's
+    /// `rpc_urls`) of `chain`.
+    pub fn rpc_rate_limited(&self, chain: u64, endpoint: usize) {
+        self.rpc_rate_limit_waits.with_label_values(&[&chain.to_string(), &endpoint.to_string()]).inc();
+    }
+
+    /// Counts an `eth_getLogs` range of `chain` split after an endpoint refused it.
+    pub fn rpc_range_split(&self, chain: u64) {
+        self.rpc_range_splits.with_label_values(&[&chain.to_string()]).inc();
+    }
+
+    /// Records the head endpoint `endpoint` (its index in the chain's `rpc_urls`) of `chain`
+    /// reported.
+    pub fn observe_endpoint_head(&self, chain: u64, endpoint: usize, head: u64) {
+        self.rpc_endpoint_head
+            .with_label_values(&[&chain.to_string(), &endpoint.to_string()])
+            .set(head as i64);
+    }
+
     /// Starts timing one publish on `chain`: counts it in flight until the guard is dropped,
     /// then records its latency.
     pub fn publish_timer(&self, chain: &str) -> PublishTimer {
@@ -485,5 +509,13 @@ mod tests {
             Err(RpcError::Timeout { method: "eth_getLogs", after: Duration::from_secs(1) });
         m.observe_rpc("1", "eth_getLogs", Duration::from_millis(3), &err);
         assert_eq!(m.rpc_requests.with_label_values(&["1", "eth_getLogs", "timeout"]).get(), 1);
+        m.rpc_failover(1);
+        m.rpc_rate_limited(1, 2);
+        m.rpc_range_split(1);
+        m.observe_endpoint_head(1, 2, 77);
+        assert_eq!(m.rpc_failovers.with_label_values(&["1"]).get(), 1);
+        assert_eq!(m.rpc_rate_limit_waits.with_label_values(&["1", "2"]).get(), 1);
+        assert_eq!(m.rpc_range_splits.with_label_values(&["1"]).get(), 1);
+        assert_eq!(m.rpc_endpoint_head.with_label_values(&["1", "2"]).get(), 77);
     }
 }

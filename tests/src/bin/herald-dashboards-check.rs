@@ -221,18 +221,18 @@ async fn main() -> anyhow::Result<()> {
     println!("alerts: {} rules, {} failing", rules.len(), rule_failures.len());
 
     // Every panel query of every dashboard.
-    let (mut panels, mut queries, mut failures) = (0usize, 0usize, Vec::new());
+    // Every panel query of every dashboard. A query fails when it cannot be evaluated, errors,
+    // names a metric nobody exports, or returns no series.
+    let (mut panels, mut queries, mut failing) = (0usize, 0usize, 0usize);
+    let mut failures = Vec::new();
     for (file, dashboard) in &dashboards {
         for problem in structure_problems(dashboard) {
             failures.push(format!("{file}: {problem}"));
         }
-        let vars = match resolve_variables(&prometheus, dashboard).await {
-            Ok(v) => v,
-            Err(e) => {
-                failures.push(format!("{file}: {e}"));
-                continue;
-            }
-        };
+        let vars = resolve_variables(&prometheus, dashboard).await.map_err(|e| format!("{file}: {e}"));
+        if let Err(e) = &vars {
+            failures.push(e.clone());
+        }
         for panel in all_panels(dashboard) {
             let targets: Vec<&Value> = panel["targets"]
                 .as_array()
@@ -246,19 +246,13 @@ async fn main() -> anyhow::Result<()> {
             for target in targets {
                 queries += 1;
                 let raw = target["expr"].as_str().unwrap_or_default();
-                let expr = substitute(raw, &vars);
-                let what = format!("{file} / {title:?}: {expr}");
-                if expr.contains('$') {
-                    failures.push(format!("{what}: unresolved variable"));
-                    continue;
-                }
-                for metric in unknown_metrics(&expr, &names) {
-                    failures.push(format!("{what}: no metric {metric} is exported"));
-                }
-                match prometheus.query(&expr).await {
-                    Err(e) => failures.push(format!("{what}: {e}")),
-                    Ok(result) if result.is_empty() => failures.push(format!("{what}: no series")),
-                    Ok(_) => {}
+                let problems = match &vars {
+                    Ok(vars) => query_problems(&prometheus, &substitute(raw, vars), &names).await,
+                    Err(_) => vec![format!("{raw}: template variables unresolved")],
+                };
+                if !problems.is_empty() {
+                    failing += 1;
+                    failures.extend(problems.into_iter().map(|p| format!("{file} / {title:?}: {p}")));
                 }
             }
         }
@@ -272,8 +266,25 @@ async fn main() -> anyhow::Result<()> {
     for failure in rule_failures.iter().chain(&failures) {
         println!("FAIL {failure}");
     }
-    println!("dashboards: {panels} panels, {queries} queries, {} empty or failing", failures.len());
+    println!("dashboards: {panels} panels, {queries} queries, {failing} empty or failing");
     std::process::exit(if failures.is_empty() && rule_failures.is_empty() { 0 } else { 1 });
+}
+
+/// Why `expr` (variables substituted) fails, if it does.
+async fn query_problems(prometheus: &Prometheus, expr: &str, names: &BTreeSet<String>) -> Vec<String> {
+    if expr.contains('$') {
+        return vec![format!("{expr}: unresolved variable")];
+    }
+    let mut problems: Vec<String> = unknown_metrics(expr, names)
+        .into_iter()
+        .map(|m| format!("{expr}: no metric {m} is exported"))
+        .collect();
+    match prometheus.query(expr).await {
+        Err(e) => problems.push(format!("{expr}: {e}")),
+        Ok(result) if result.is_empty() => problems.push(format!("{expr}: no series")),
+        Ok(_) => {}
+    }
+    problems
 }
 
 /// `dashboards/*.json`, by file name.
