@@ -214,7 +214,8 @@ rpc = dashboard(
         panel("Error ratio", "timeseries", [(
             f'sum by (chain_id) (rate(herald_rpc_requests_total{{chain_id=~"$chain", outcome!="ok"}}[{RATE}]))'
             f' / sum by (chain_id) (rate(herald_rpc_requests_total{{chain_id=~"$chain"}}[{RATE}]))',
-            "chain {{chain_id}}")], unit="percentunit"),
+            "chain {{chain_id}}")], unit="percentunit",
+            description="Failed calls over all calls; refused ranges (split and asked again) included."),
         panel("Latency p50 by method", "timeseries", [(
             "histogram_quantile(0.5, sum by (le, method) "
             f'(rate(herald_rpc_request_duration_seconds_bucket{{chain_id=~"$chain"}}[{RATE}])))',
@@ -239,6 +240,19 @@ rpc = dashboard(
               description="Endpoints are numbered by their index in the chain's rpc_urls (URLs carry keys)."),
         panel("Chain head", "timeseries",
               [('max by (chain_id) (herald_chain_head_block{chain_id=~"$chain"})', "chain {{chain_id}}")]),
+        panel("Endpoints up", "timeseries",
+              [('min by (chain_id, endpoint) (herald_rpc_endpoint_up{chain_id=~"$chain"})',
+                "chain {{chain_id}} endpoint {{endpoint}}")], w=8,
+              description="1 while an endpoint answers, 0 while it is down and only probed."),
+        panel("Heads over WebSocket", "timeseries",
+              [('min by (chain_id) (herald_chain_heads_websocket{chain_id=~"$chain"})', "chain {{chain_id}}")],
+              w=8, description="1 while new heads arrive over a WebSocket subscription, 0 while polled."),
+        panel("Reorgs and incomplete answers", "timeseries", [
+            (f'sum by (chain_id) (increase(herald_chain_reorgs_total{{chain_id=~"$chain"}}[$__range]))',
+             "chain {{chain_id}} reorgs"),
+            (f'sum by (chain_id) (increase(herald_rpc_incomplete_log_answers_total{{chain_id=~"$chain"}}[$__range]))',
+             "chain {{chain_id}} incomplete eth_getLogs answers"),
+        ], w=8),
     ],
 )
 

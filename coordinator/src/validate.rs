@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use alloy_json_abi::{Event, JsonAbi};
 use alloy_primitives::Address;
 use herald_proto::subscription::MAX_CONFIRMATIONS;
-use herald_proto::{ChainId, EventDefinition, StartBlock, SubscriptionId, SubscriptionSpec, subjects};
+use herald_proto::{
+    ChainId, EventDefinition, Finality, StartBlock, SubscriptionId, SubscriptionSpec, subjects,
+};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
@@ -44,9 +46,31 @@ pub struct CreateSubscription {
     #[serde(default)]
     #[schema(minimum = 0, maximum = 10000)]
     pub confirmations: u64,
+    /// Also wait until the chain tags the block `safe` or `finalized` (where it has the tags).
+    #[serde(default)]
+    pub finality: Option<FinalityTag>,
     /// Subject to publish to; defaults to `herald.events.<chain_id>.<id>`.
     #[serde(default)]
     pub subject: Option<String>,
+}
+
+/// `finality` of a create request.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalityTag {
+    /// The chain's `safe` block.
+    Safe,
+    /// The chain's `finalized` block.
+    Finalized,
+}
+
+impl From<FinalityTag> for Finality {
+    fn from(tag: FinalityTag) -> Self {
+        match tag {
+            FinalityTag::Safe => Self::Safe,
+            FinalityTag::Finalized => Self::Finalized,
+        }
+    }
 }
 
 /// What validation needs to know about the world.
@@ -105,6 +129,7 @@ pub fn create(body: &[u8], ctx: &Context) -> Result<SubscriptionSpec, ApiError> 
         filters: request.filters,
         start_block,
         confirmations: request.confirmations,
+        finality: request.finality.map(Finality::from),
         subject: request.subject,
     };
     spec.compile().map_err(|e| {

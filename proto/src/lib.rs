@@ -35,6 +35,6 @@ pub use ids::{ChainId, IdError, SubscriptionId, WorkerId};
 pub use keys::{Key, KeyError, Keyspace};
 pub use membership::WorkerInfo;
 pub use subscription::{
-    CompiledEvent, EventDefinition, Rewind, SpecError, StartBlock, SubscriptionRecord, SubscriptionSpec,
-    SubscriptionState,
+    CompiledEvent, EventDefinition, Finality, Rewind, SpecError, StartBlock, SubscriptionRecord,
+    SubscriptionSpec, SubscriptionState,
 };

@@ -45,6 +45,10 @@ pub struct SubscriptionSpec {
     /// How many blocks below the head a log must be before it is published.
     #[serde(default)]
     pub confirmations: u64,
+    /// Publish only blocks the chain itself calls `safe` or `finalized` (and at least
+    /// `confirmations` deep). On a chain without those block tags, `confirmations` alone applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finality: Option<Finality>,
     /// Subject to publish to; defaults to `herald.events.<chain_id>.<id>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
@@ -179,6 +183,26 @@ impl EventDefinition {
                     .map_err(|e| SpecError::new("event", format!("not a valid event signature: {e}")))
             }
             Self::Fragment(event) => Ok(event.clone()),
+        }
+    }
+}
+
+/// A block tag a subscription can wait for before publishing (post-merge chains).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Finality {
+    /// The `safe` tag: justified by the beacon chain, very unlikely to reorg.
+    Safe,
+    /// The `finalized` tag: cannot reorg without slashing a third of the validators.
+    Finalized,
+}
+
+impl Finality {
+    /// The JSON-RPC block tag.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Self::Safe => "safe",
+            Self::Finalized => "finalized",
         }
     }
 }

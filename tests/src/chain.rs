@@ -132,6 +132,17 @@ impl TestChain {
             .collect())
     }
 
+    /// How many of the contract's Transfer logs `eth_getLogs` returns for `from..=to` (raw
+    /// endpoint throughput, for benchmarks).
+    pub async fn count_transfers(&self, from: u64, to: u64) -> anyhow::Result<usize> {
+        let filter = alloy::rpc::types::Filter::new()
+            .address(self.contract)
+            .event_signature(alloy_primitives::keccak256("Transfer(address,address,uint256)"))
+            .from_block(from)
+            .to_block(to);
+        Ok(self.provider.get_logs(&filter).await?.len())
+    }
+
     /// Mines `n` empty blocks.
     pub async fn mine(&self, n: u64) -> anyhow::Result<()> {
         for _ in 0..n {

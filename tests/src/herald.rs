@@ -31,6 +31,14 @@ pub struct WorkerSettings {
     pub nats: String,
     /// Chain JSON-RPC URL.
     pub rpc: String,
+    /// Chain WebSocket URL for new heads.
+    pub ws: Option<String>,
+    /// More JSON-RPC URLs after `rpc`, in order of preference.
+    pub fallback_rpc: Vec<String>,
+    /// Per-endpoint request rate.
+    pub requests_per_second: Option<u32>,
+    /// Timeout of one RPC call, in milliseconds.
+    pub request_timeout_ms: u64,
     /// Largest `eth_getLogs` span.
     pub max_block_range: u64,
     /// Port for `/metrics`.
@@ -49,6 +57,10 @@ impl WorkerSettings {
             etcd,
             nats,
             rpc,
+            ws: None,
+            fallback_rpc: Vec::new(),
+            requests_per_second: None,
+            request_timeout_ms: 3000,
             max_block_range: 50,
             metrics_port: free_port(),
             lease_ttl_secs: 10,
@@ -82,10 +94,11 @@ lease_ttl = "{ttl}s"
 
 [[chains]]
 chain_id = {chain}
-rpc_urls = ["{rpc}"]
-poll_interval = "100ms"
+rpc_urls = [{rpc}]
+{ws}poll_interval = "100ms"
 max_block_range = {range}
-request_timeout = "3s"
+request_timeout = "{timeout}ms"
+{rps}
 "#,
             ttl = self.lease_ttl_secs,
             log_format = if self.json_logs { "json" } else { "text" },
@@ -94,7 +107,15 @@ request_timeout = "3s"
             etcd = self.etcd,
             nats = self.nats,
             chain = ANVIL_CHAIN_ID,
-            rpc = self.rpc,
+            rpc = std::iter::once(&self.rpc)
+                .chain(&self.fallback_rpc)
+                .map(|u| format!("\"{u}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
+            timeout = self.request_timeout_ms,
+            rps =
+                self.requests_per_second.map(|r| format!("requests_per_second = {r}\n")).unwrap_or_default(),
+            ws = self.ws.as_ref().map(|u| format!("ws_url = \"{u}\"\n")).unwrap_or_default(),
             range = self.max_block_range,
         )
     }
@@ -163,6 +184,14 @@ impl WorkerProcess {
     /// Its exit code, if it exited.
     pub fn try_exit_code(&mut self) -> Option<Option<i32>> {
         self.process.try_exit_code()
+    }
+
+    /// Peak resident set size of the process in bytes (`VmHWM`), while it runs.
+    pub fn peak_rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.pid()?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
     }
 
     /// The value of metric `name` with all of `labels` (`key="value"` pairs), summed.
@@ -293,6 +322,13 @@ impl StreamReader {
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
         let client = async_nats::connect(url).await?;
         Ok(Self { js: jetstream::new(client) })
+    }
+
+    /// The raw payload of the first message on `subject`.
+    pub async fn first_payload(&self, subject: &str) -> anyhow::Result<Vec<u8>> {
+        let stream = self.js.get_stream(STREAM).await?;
+        let message = stream.get_first_raw_message_by_subject(subject, 1).await?;
+        Ok(message.payload.to_vec())
     }
 
     /// Every message stored on `subject`, in stream order.

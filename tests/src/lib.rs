@@ -16,6 +16,7 @@ pub mod chain;
 pub mod check;
 pub mod herald;
 pub mod process;
+pub mod rpc_proxy;
 pub mod services;
 pub mod wait;
 
@@ -97,6 +98,7 @@ impl Stack {
             filters: Default::default(),
             start_block: herald_proto::StartBlock::Number(0),
             confirmations: 0,
+            finality: None,
             subject: None,
         }
     }

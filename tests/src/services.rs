@@ -209,4 +209,9 @@ impl Anvil {
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+
+    /// Its WebSocket JSON-RPC URL (same port).
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
 }

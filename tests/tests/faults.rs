@@ -176,6 +176,7 @@ async fn unreachable_dependencies_at_start_are_retried_and_logged() -> anyhow::R
         filters: Default::default(),
         start_block: herald_proto::StartBlock::Number(0),
         confirmations: 0,
+        finality: None,
         subject: None,
     };
     let mut client = etcd.client().await?;

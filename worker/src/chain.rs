@@ -1,4 +1,10 @@
-//! The chain, as the worker sees it: a narrow trait over JSON-RPC and its alloy adapter.
+//! The chain, as the worker sees it: a narrow trait over JSON-RPC and its HTTP adapter.
+//!
+//! [`HttpRpc`] speaks JSON-RPC over HTTP itself (reqwest, alloy's types) so that every failure
+//! can be classified the way providers mean it: `429` with its `Retry-After`, 5xx and dropped
+//! connections, JSON-RPC errors, and `eth_getLogs` refusals with the range the provider
+//! suggests ([`crate::limits`]). Several endpoints of one chain are combined by
+//! [`crate::endpoints::EndpointPool`].
 //!
 //! Nothing an endpoint answers is trusted blindly: logs without a block hash, number or log
 //! index (pending logs), logs outside the requested range or from another contract, and
@@ -8,12 +14,18 @@
 use std::future::Future;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use alloy::eips::BlockNumberOrTag;
-use alloy::providers::{Provider, RootProvider};
-use alloy::rpc::types::{Filter, Log};
-use alloy_primitives::{Address, B256};
-use herald_proto::ChainId;
+use alloy::providers::{Provider, RootProvider, WsConnect};
+use alloy::rpc::types::{Header, Log};
+use alloy_primitives::{Address, B256, Bloom, BloomInput};
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
 use herald_proto::settings::{redact_url, scrub};
+
+use crate::limits::{RangeHint, range_hint};
+use herald_proto::{ChainId, Finality};
 
 /// A block's identity, enough to follow the chain and detect reorgs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +36,47 @@ pub struct BlockRef {
     pub hash: B256,
     /// Parent block hash.
     pub parent_hash: B256,
+    /// The header's bloom filter of every log address and topic in the block.
+    pub logs_bloom: Bloom,
+}
+
+impl BlockRef {
+    fn from_header(header: &Header) -> Self {
+        Self {
+            number: header.number,
+            hash: header.hash,
+            parent_hash: header.parent_hash,
+            logs_bloom: header.logs_bloom,
+        }
+    }
+
+    /// Whether the block may hold a log of `address` with, at each position, one of the
+    /// topics asked for. `false` is certain; `true` may be a false positive.
+    pub fn may_contain(&self, address: &Address, topics: &[Option<Vec<B256>>; 4]) -> bool {
+        self.logs_bloom.contains_input(BloomInput::Raw(address.as_slice()))
+            && topics.iter().flatten().all(|values| {
+                values.iter().any(|t| self.logs_bloom.contains_input(BloomInput::Raw(t.as_slice())))
+            })
+    }
+}
+
+/// A block the chain names by tag rather than number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tip {
+    /// The newest block.
+    Latest,
+    /// The newest block of a finality level.
+    Final(Finality),
+}
+
+impl Tip {
+    fn tag(self) -> BlockNumberOrTag {
+        match self {
+            Self::Latest => BlockNumberOrTag::Latest,
+            Self::Final(Finality::Safe) => BlockNumberOrTag::Safe,
+            Self::Final(Finality::Finalized) => BlockNumberOrTag::Finalized,
+        }
+    }
 }
 
 /// One `eth_getLogs` question: logs of `address` in `from..=to` whose topics match.
@@ -50,12 +103,38 @@ pub enum RpcError {
         /// The timeout.
         after: Duration,
     },
-    /// Connection failure, HTTP error or JSON-RPC error response.
+    /// Connection failure, dropped connection or HTTP 5xx.
     #[error("rpc call {method} failed: {message}")]
     Transport {
         /// JSON-RPC method.
         method: &'static str,
-        /// Error text, with any URL credentials already stripped by the transport.
+        /// Error text, with any URL credentials stripped.
+        message: String,
+    },
+    /// HTTP 429 or a JSON-RPC rate-limit error.
+    #[error("rpc call {method} rate limited (retry after {retry_after:?})")]
+    RateLimited {
+        /// JSON-RPC method.
+        method: &'static str,
+        /// What the provider asked for (`Retry-After`), if anything.
+        retry_after: Option<Duration>,
+    },
+    /// `eth_getLogs` refused the range (too many blocks, results, bytes or too slow).
+    #[error("rpc call {method} refused the block range: {hint:?}")]
+    RangeTooLarge {
+        /// JSON-RPC method.
+        method: &'static str,
+        /// What the provider said about the range.
+        hint: RangeHint,
+    },
+    /// A JSON-RPC error response about something else.
+    #[error("rpc call {method} answered error {code}: {message}")]
+    Rejected {
+        /// JSON-RPC method.
+        method: &'static str,
+        /// JSON-RPC error code.
+        code: i64,
+        /// Its message.
         message: String,
     },
     /// The endpoint answered, but the answer cannot be right.
@@ -66,13 +145,28 @@ pub enum RpcError {
         /// What is wrong with it.
         message: String,
     },
+    /// No endpoint of the chain may be called now (all down or cooling off).
+    #[error("rpc call {method}: no endpoint available ({message})")]
+    Unavailable {
+        /// JSON-RPC method.
+        method: &'static str,
+        /// Why.
+        message: String,
+    },
 }
 
 impl RpcError {
     /// Whether retrying the same call may succeed. Every RPC failure is treated as
-    /// transient: a worker never gives up on a chain, it backs off.
+    /// transient: a worker never gives up on a chain, it backs off (a refused range is asked
+    /// again smaller).
     pub fn is_retryable(&self) -> bool {
         true
+    }
+
+    /// Whether the failure says the endpoint is unwell (down, overloaded, unreachable): the
+    /// call fails over to another endpoint and this one is avoided for a while.
+    pub fn is_endpoint_fault(&self) -> bool {
+        matches!(self, Self::Timeout { .. } | Self::Transport { .. })
     }
 
     /// The JSON-RPC method that failed, for metrics.
@@ -80,7 +174,24 @@ impl RpcError {
         match self {
             Self::Timeout { method, .. }
             | Self::Transport { method, .. }
-            | Self::BadAnswer { method, .. } => method,
+            | Self::RateLimited { method, .. }
+            | Self::RangeTooLarge { method, .. }
+            | Self::Rejected { method, .. }
+            | Self::BadAnswer { method, .. }
+            | Self::Unavailable { method, .. } => method,
+        }
+    }
+
+    /// A short outcome label for metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::Timeout { .. } => "timeout",
+            Self::Transport { .. } => "transport",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::RangeTooLarge { .. } => "range_too_large",
+            Self::Rejected { .. } => "rejected",
+            Self::BadAnswer { .. } => "bad_answer",
+            Self::Unavailable { .. } => "unavailable",
         }
     }
 }
@@ -89,32 +200,60 @@ impl RpcError {
 pub trait ChainRpc: Send + Sync + 'static {
     /// `eth_chainId`.
     fn chain_id(&self) -> impl Future<Output = Result<ChainId, RpcError>> + Send;
-    /// `eth_blockNumber`.
-    fn head(&self) -> impl Future<Output = Result<u64, RpcError>> + Send;
+    /// `eth_getBlockByNumber` of a tag, header only; `None` when the endpoint has no such
+    /// block (e.g. `finalized` on a chain without finality).
+    fn tip(&self, tip: Tip) -> impl Future<Output = Result<Option<BlockRef>, RpcError>> + Send;
     /// `eth_getBlockByNumber`, header only.
     fn block(&self, number: u64) -> impl Future<Output = Result<BlockRef, RpcError>> + Send;
     /// `eth_getLogs`, validated and sorted by (block number, log index).
     fn logs(&self, query: &LogQuery) -> impl Future<Output = Result<Vec<Log>, RpcError>> + Send;
 }
 
-/// [`ChainRpc`] over HTTP JSON-RPC with alloy.
-#[derive(Debug, Clone)]
-pub struct AlloyRpc {
-    provider: RootProvider,
+/// [`ChainRpc`] over one HTTP JSON-RPC endpoint.
+#[derive(Debug)]
+pub struct HttpRpc {
+    http: reqwest::Client,
     timeout: Duration,
     url: String,
     redacted_url: String,
+    next_id: AtomicU64,
 }
 
-impl AlloyRpc {
+#[derive(serde::Deserialize)]
+struct Reply<T> {
+    #[serde(default = "Option::default")]
+    result: Option<T>,
+    #[serde(default)]
+    error: Option<ReplyError>,
+}
+
+#[derive(serde::Deserialize)]
+struct ReplyError {
+    #[serde(default)]
+    code: i64,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    data: Option<serde_json::Value>,
+}
+
+impl HttpRpc {
     /// An adapter for `url`; no connection is made until the first call.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
-        let parsed = url.parse().map_err(|e| format!("invalid RPC URL: {e}"))?;
+        let parsed: reqwest::Url = url.parse().map_err(|e| format!("invalid RPC URL: {e}"))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err("must be an http:// or https:// URL".into());
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
         Ok(Self {
-            provider: RootProvider::new_http(parsed),
+            http,
             timeout,
             url: url.to_owned(),
             redacted_url: redact_url(url),
+            next_id: AtomicU64::new(1),
         })
     }
 
@@ -123,64 +262,151 @@ impl AlloyRpc {
         &self.redacted_url
     }
 
-    async fn call<T, E: std::fmt::Display>(
+    /// One JSON-RPC call, its failure classified. `Ok(None)` is a `null` result.
+    async fn request<T: serde::de::DeserializeOwned>(
         &self,
         method: &'static str,
-        fut: impl Future<Output = Result<T, E>>,
-    ) -> Result<T, RpcError> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Err(_) => Err(RpcError::Timeout { method, after: self.timeout }),
-            Ok(Err(e)) => Err(RpcError::Transport { method, message: scrub(&e.to_string(), &self.url) }),
-            Ok(Ok(v)) => Ok(v),
-        }
+        params: serde_json::Value,
+    ) -> Result<Option<T>, RpcError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let body = serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        let transport = |e: reqwest::Error| RpcError::Transport {
+            method,
+            message: scrub(&e.without_url().to_string(), &self.url),
+        };
+        let call = async {
+            let response = self.http.post(&self.url).json(&body).send().await.map_err(transport)?;
+            let status = response.status();
+            if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                let retry_after = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                return Err(RpcError::RateLimited { method, retry_after });
+            }
+            if status.is_server_error() {
+                return Err(RpcError::Transport { method, message: format!("HTTP {status}") });
+            }
+            let bytes = response.bytes().await.map_err(transport)?;
+            let reply: Reply<T> = serde_json::from_slice(&bytes).map_err(|e| {
+                if status.is_success() {
+                    RpcError::BadAnswer { method, message: format!("unreadable answer: {e}") }
+                } else {
+                    RpcError::Rejected {
+                        method,
+                        code: i64::from(status.as_u16()),
+                        message: format!("HTTP {status}"),
+                    }
+                }
+            })?;
+            match reply.error {
+                Some(error) => Err(classify(method, error)),
+                None => Ok(reply.result),
+            }
+        };
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| RpcError::Timeout { method, after: self.timeout })?
+    }
+
+    fn block_param(tag: BlockNumberOrTag) -> serde_json::Value {
+        serde_json::json!([tag.to_string(), false])
     }
 }
 
-impl ChainRpc for AlloyRpc {
+/// A JSON-RPC error response, classified.
+fn classify(method: &'static str, error: ReplyError) -> RpcError {
+    let lower = error.message.to_ascii_lowercase();
+    if error.code == 429 || lower.contains("rate limit") || lower.contains("too many requests") {
+        return RpcError::RateLimited { method, retry_after: None };
+    }
+    if method == "eth_getLogs" {
+        let data = error.data.as_ref().map(|d| d.to_string());
+        if let Some(hint) = range_hint(&error.message, data.as_deref()) {
+            return RpcError::RangeTooLarge { method, hint };
+        }
+    }
+    RpcError::Rejected { method, code: error.code, message: error.message.chars().take(300).collect() }
+}
+
+impl ChainRpc for HttpRpc {
     async fn chain_id(&self) -> Result<ChainId, RpcError> {
-        self.call("eth_chainId", self.provider.get_chain_id()).await
+        const METHOD: &str = "eth_chainId";
+        let id: Option<alloy_primitives::U64> = self.request(METHOD, serde_json::json!([])).await?;
+        id.map(|id| id.to::<u64>())
+            .ok_or_else(|| RpcError::BadAnswer { method: METHOD, message: "null chain id".into() })
     }
 
-    async fn head(&self) -> Result<u64, RpcError> {
-        self.call("eth_blockNumber", self.provider.get_block_number()).await
+    async fn tip(&self, tip: Tip) -> Result<Option<BlockRef>, RpcError> {
+        const METHOD: &str = "eth_getBlockByNumber";
+        let header: Option<Header> = self.request(METHOD, Self::block_param(tip.tag())).await?;
+        Ok(header.map(|h| BlockRef::from_header(&h)))
     }
 
     async fn block(&self, number: u64) -> Result<BlockRef, RpcError> {
         const METHOD: &str = "eth_getBlockByNumber";
-        let block = self
-            .call(METHOD, self.provider.get_block_by_number(BlockNumberOrTag::Number(number)).into_future())
-            .await?
-            .ok_or_else(|| RpcError::BadAnswer {
-                method: METHOD,
-                message: format!("block {number} not found"),
-            })?;
-        if block.header.number != number {
+        let header: Header =
+            self.request(METHOD, Self::block_param(BlockNumberOrTag::Number(number))).await?.ok_or_else(
+                || RpcError::BadAnswer { method: METHOD, message: format!("block {number} not found") },
+            )?;
+        if header.number != number {
             return Err(RpcError::BadAnswer {
                 method: METHOD,
-                message: format!("asked for block {number}, got {}", block.header.number),
+                message: format!("asked for block {number}, got {}", header.number),
             });
         }
-        Ok(BlockRef { number, hash: block.header.hash, parent_hash: block.header.parent_hash })
+        Ok(BlockRef::from_header(&header))
     }
 
     async fn logs(&self, query: &LogQuery) -> Result<Vec<Log>, RpcError> {
         const METHOD: &str = "eth_getLogs";
-        let mut filter = Filter::new().from_block(query.from).to_block(query.to).address(query.address);
-        for (i, topic) in query.topics.iter().enumerate() {
-            if let Some(values) = topic {
-                let values = values.clone();
-                filter = match i {
-                    0 => filter.event_signature(values),
-                    1 => filter.topic1(values),
-                    2 => filter.topic2(values),
-                    _ => filter.topic3(values),
-                };
-            }
+        let mut topics = query.topics.to_vec();
+        while topics.last().is_some_and(Option::is_none) {
+            topics.pop();
         }
-        let mut logs = self.call(METHOD, self.provider.get_logs(&filter)).await?;
+        let filter = serde_json::json!([{
+            "fromBlock": format!("{:#x}", query.from),
+            "toBlock": format!("{:#x}", query.to),
+            "address": query.address,
+            "topics": topics,
+        }]);
+        let mut logs: Vec<Log> = self.request(METHOD, filter).await?.unwrap_or_default();
         validate_logs(query, &logs).map_err(|message| RpcError::BadAnswer { method: METHOD, message })?;
         logs.sort_by_key(|l| (l.block_number, l.log_index));
         Ok(logs)
+    }
+}
+
+/// New heads pushed by a WebSocket endpoint (`eth_subscribe("newHeads")`).
+pub struct HeadSubscription {
+    // Keeps the socket's background task alive as long as the stream is read.
+    _provider: RootProvider,
+    heads: BoxStream<'static, Header>,
+}
+
+impl HeadSubscription {
+    /// Connects and subscribes; fails if either does not happen within `timeout`.
+    pub async fn connect(url: &str, timeout: Duration) -> Result<Self, RpcError> {
+        const METHOD: &str = "eth_subscribe";
+        let failed = |message: String| RpcError::Transport { method: METHOD, message: scrub(&message, url) };
+        let subscribe = async {
+            let client = alloy::rpc::client::RpcClient::connect_pubsub(WsConnect::new(url))
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            let provider = RootProvider::new(client);
+            let subscription = provider.subscribe_blocks().await.map_err(|e| failed(e.to_string()))?;
+            Ok(Self { heads: subscription.into_stream().boxed(), _provider: provider })
+        };
+        tokio::time::timeout(timeout, subscribe)
+            .await
+            .map_err(|_| RpcError::Timeout { method: METHOD, after: timeout })?
+    }
+
+    /// The next head; `None` once the socket is gone.
+    pub async fn next(&mut self) -> Option<BlockRef> {
+        self.heads.next().await.map(|h| BlockRef::from_header(&h))
     }
 }
 

@@ -120,14 +120,22 @@ impl Default for StreamConfig {
 pub struct ChainConfig {
     /// EIP-155 chain id; checked against `eth_chainId` at start.
     pub chain_id: ChainId,
-    /// JSON-RPC endpoints (http/https); the first healthy one is used.
+    /// JSON-RPC endpoints (http/https), in order of preference: the first healthy one is used,
+    /// the next ones take over while it is down.
     pub rpc_urls: Vec<String>,
-    /// How often the head is polled.
+    /// WebSocket endpoint (ws/wss) for new heads; without it, or while it is down, the head
+    /// is polled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ws_url: Option<String>,
+    /// How often the head is polled (without a socket; five times less often with one).
     #[serde(default = "default_poll_interval", with = "humantime_serde")]
     pub poll_interval: Duration,
     /// Largest block span of one `eth_getLogs` call.
     #[serde(default = "default_max_block_range")]
     pub max_block_range: u64,
+    /// Request-rate limit of each endpoint (calls wait for it); unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<std::num::NonZeroU32>,
     /// Timeout of one RPC call.
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -221,6 +229,11 @@ impl Config {
                     ));
                 }
             }
+            if let Some(url) = &chain.ws_url
+                && !(url.starts_with("ws://") || url.starts_with("wss://"))
+            {
+                return Err(invalid(format!("chains[{i}].ws_url"), "must be a ws:// or wss:// URL"));
+            }
             if chain.max_block_range == 0 {
                 return Err(invalid(format!("chains[{i}].max_block_range"), "must be at least 1"));
             }
@@ -301,6 +314,8 @@ rpc_urls = ["http://127.0.0.1:8545"]
         assert!(err.to_string().contains("chains[0].rpc_urls[0]"), "{err}");
         let err = load_str(&format!("{MINIMAL}\n[etcd]\nprefix = \"herald\"\n")).unwrap_err();
         assert!(err.to_string().contains("etcd.prefix"), "{err}");
+        let err = load_str(&format!("{MINIMAL}ws_url = \"http://127.0.0.1:8545\"\n")).unwrap_err();
+        assert!(err.to_string().contains("chains[0].ws_url"), "{err}");
         let err = load_str("worker_id = \"w\"\n").unwrap_err();
         assert!(err.to_string().contains("chains"), "{err}");
     }

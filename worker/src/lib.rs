@@ -4,10 +4,13 @@
 //! Layout, from the edge inwards:
 //!
 //! - [`config`]: the one configuration struct (file + `HERALD_*` env).
-//! - [`chain`]: `ChainRpc`, the narrow view of a JSON-RPC endpoint, and its alloy adapter.
+//! - [`chain`]: `ChainRpc`, the narrow view of a JSON-RPC endpoint, and its HTTP adapter.
+//! - [`endpoints`]: a chain's endpoints as one `ChainRpc` (failover, rate limits, recovery).
 //! - [`publish`]: `EventSink`, the narrow view of JetStream, and its async-nats adapter.
 //! - [`store`]: `CursorStore` and the etcd adapter (assignments, specs, fenced cursor writes).
-//! - [`ranges`], [`decode`]: pure decisions (which blocks next, log -> envelope).
+//! - [`ranges`], [`limits`], [`decode`]: pure decisions (which blocks next, how many at once
+//!   given what providers refuse, log -> envelope).
+//! - [`heads`]: one head tracker per chain (socket or polling), its window of recent blocks.
 //! - [`pipeline`]: one subscription's fetch -> decode -> publish -> commit loop.
 //! - [`membership`]: the leased registration under `<prefix>/workers/<id>`.
 //! - [`supervisor`]: one pipeline task per assigned subscription, following etcd.
@@ -18,6 +21,9 @@
 pub mod chain;
 pub mod config;
 pub mod decode;
+pub mod endpoints;
+pub mod heads;
+pub mod limits;
 pub mod membership;
 pub mod metrics;
 pub mod pipeline;
@@ -35,8 +41,9 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::chain::{AlloyRpc, ChainRpc};
+use crate::chain::HttpRpc;
 use crate::config::Config;
+use crate::endpoints::{EndpointConfig, EndpointPool};
 use crate::metrics::Metrics;
 use crate::publish::JetStreamSink;
 use crate::retry::retry;
@@ -91,23 +98,35 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     tracing::info!(stream = %config.nats.stream.name, "jetstream stream ready");
 
+    // The trackers outlive the supervisor: draining tasks still follow the head.
+    let trackers_stop = CancellationToken::new();
     let mut chains = HashMap::new();
     for (i, chain) in config.chains.iter().enumerate() {
-        let rpc = AlloyRpc::new(&chain.rpc_urls[0], chain.request_timeout)
-            .map_err(|e| anyhow::anyhow!("chains[{i}].rpc_urls[0]: {e}"))?;
-        let what = format!("reach chain {} at {}", chain.chain_id, rpc.redacted_url());
-        let Some(reported) = retry(&what, &shutdown, || rpc.chain_id()).await else {
+        let mut endpoints = Vec::new();
+        for (j, url) in chain.rpc_urls.iter().enumerate() {
+            let rpc = HttpRpc::new(url, chain.request_timeout)
+                .map_err(|e| anyhow::anyhow!("chains[{i}].rpc_urls[{j}]: {e}"))?;
+            endpoints.push(EndpointConfig { name: rpc.redacted_url().to_owned(), rpc });
+        }
+        let names: Vec<String> = endpoints.iter().map(|e| e.name.clone()).collect();
+        let rpc = EndpointPool::new(chain.chain_id, endpoints, chain.requests_per_second, metrics.clone());
+        let what = format!("reach chain {} at {}", chain.chain_id, names.join(", "));
+        let Some(verified) = retry(&what, &shutdown, || rpc.verify_chain()).await else {
             return Ok(());
         };
-        if reported != chain.chain_id {
-            anyhow::bail!(
-                "chains[{i}].chain_id: configured {} but {} reports chain id {reported}",
-                chain.chain_id,
-                rpc.redacted_url()
-            );
+        verified.map_err(|e| anyhow::anyhow!("chains[{i}].rpc_urls: {e}"))?;
+        tracing::info!(chain_id = chain.chain_id, endpoints = ?names, "chain reachable");
+        let rpc = Arc::new(rpc);
+        let heads = heads::HeadTracker {
+            chain_id: chain.chain_id,
+            rpc: rpc.clone(),
+            ws_url: chain.ws_url.clone(),
+            poll_interval: chain.poll_interval,
+            request_timeout: chain.request_timeout,
+            metrics: metrics.clone(),
         }
-        tracing::info!(chain_id = chain.chain_id, url = rpc.redacted_url(), "chain reachable");
-        chains.insert(chain.chain_id, ChainHandle { rpc: Arc::new(rpc), config: chain.clone() });
+        .spawn(trackers_stop.clone());
+        chains.insert(chain.chain_id, ChainHandle { rpc, heads, config: chain.clone() });
     }
 
     let lease = membership::LeaseClock::new();
@@ -139,6 +158,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     tracing::info!(worker_id = %config.worker_id, "worker running");
     supervisor.run(shutdown).await;
+    trackers_stop.cancel();
     // Leave the cluster only after every task stopped: revoking the lease releases the
     // assignments for other workers.
     membership_stop.cancel();

@@ -26,10 +26,19 @@ use crate::chain::RpcError;
 pub const SUBSCRIPTION_STATES: [&str; 3] = ["starting", "backfilling", "live"];
 
 /// The JSON-RPC methods the worker calls (the `method` label).
-pub const RPC_METHODS: [&str; 4] = ["eth_chainId", "eth_blockNumber", "eth_getBlockByNumber", "eth_getLogs"];
+pub const RPC_METHODS: [&str; 2] = ["eth_getBlockByNumber", "eth_getLogs"];
 
 /// Values of the `outcome` label of `herald_rpc_requests_total`.
-pub const RPC_OUTCOMES: [&str; 4] = ["ok", "timeout", "transport", "bad_answer"];
+pub const RPC_OUTCOMES: [&str; 8] = [
+    "ok",
+    "timeout",
+    "transport",
+    "rate_limited",
+    "range_too_large",
+    "rejected",
+    "bad_answer",
+    "unavailable",
+];
 
 /// Buckets for network round trips (RPC, JetStream acks, etcd keepalives), in seconds.
 const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
@@ -84,6 +93,14 @@ pub struct Metrics {
     pub assigned_subscriptions: IntGauge,
     /// Publishes or cursor writes refused because the local lease deadline had passed.
     pub self_fenced: IntCounter,
+    /// Reorgs the head tracker saw, per chain.
+    pub chain_reorgs: IntCounterVec,
+    /// Whether new heads arrive over a WebSocket (1) or by polling (0), per chain.
+    pub heads_websocket: IntGaugeVec,
+    /// `eth_getLogs` answers asked again because a block's bloom says they miss logs.
+    pub incomplete_log_answers: IntCounterVec,
+    /// Whether an endpoint is up (1) or down (0), by configuration index.
+    pub rpc_endpoint_up: IntGaugeVec,
     /// Lease keepalive round trips.
     pub lease_keepalive_duration: Histogram,
     /// Lease keepalives that failed (the lease is then lost and registered again).
@@ -181,8 +198,28 @@ impl Metrics {
             head_block: gauge_vec("herald_chain_head_block", "Latest head seen.", &["chain_id"]),
             rpc_requests: counter_vec(
                 "herald_rpc_requests_total",
-                "JSON-RPC calls by method and outcome (ok, timeout, transport, bad_answer).",
+                "JSON-RPC calls by method and outcome (ok, or the error class: timeout, transport, rate_limited, ...).",
                 &["chain_id", "method", "outcome"],
+            ),
+            chain_reorgs: counter_vec(
+                "herald_chain_reorgs_total",
+                "Reorgs seen by the head tracker (blocks of its window replaced).",
+                &["chain_id"],
+            ),
+            heads_websocket: gauge_vec(
+                "herald_chain_heads_websocket",
+                "1 while new heads arrive over a WebSocket subscription, 0 while polled.",
+                &["chain_id"],
+            ),
+            incomplete_log_answers: counter_vec(
+                "herald_rpc_incomplete_log_answers_total",
+                "eth_getLogs answers asked again because a block's logsBloom says logs are missing.",
+                &["chain_id"],
+            ),
+            rpc_endpoint_up: gauge_vec(
+                "herald_rpc_endpoint_up",
+                "1 while an endpoint answers, 0 while it is down (endpoint = index in rpc_urls).",
+                &["chain_id", "endpoint"],
             ),
             rpc_duration: histogram_vec(
                 "herald_rpc_request_duration_seconds",
@@ -191,17 +228,17 @@ impl Metrics {
             ),
             rpc_range_splits: counter_vec(
                 "herald_rpc_range_splits_total",
-                "eth_getLogs block ranges split into smaller ones after an endpoint refused them.",
+                "eth_getLogs ranges refused by a provider (too many blocks, results or too slow) and asked again smaller.",
                 &["chain_id"],
             ),
             rpc_failovers: counter_vec(
                 "herald_rpc_failovers_total",
-                "Switches from one RPC endpoint of a chain to another.",
+                "Calls that moved on to the next endpoint of the chain.",
                 &["chain_id"],
             ),
             rpc_rate_limit_waits: counter_vec(
                 "herald_rpc_rate_limit_waits_total",
-                "Waits imposed by an RPC endpoint's rate limit (endpoint = index in the chain's rpc_urls).",
+                "Calls that waited for an endpoint's requests_per_second quota (endpoint = index in rpc_urls).",
                 &["chain_id", "endpoint"],
             ),
             rpc_endpoint_head: gauge_vec(
@@ -269,6 +306,8 @@ impl Metrics {
         let chain = chain_id.to_string();
         self.head_block.with_label_values(&[&chain]);
         self.rpc_range_splits.with_label_values(&[&chain]);
+        self.chain_reorgs.with_label_values(&[&chain]);
+        self.incomplete_log_answers.with_label_values(&[&chain]);
         self.rpc_failovers.with_label_values(&[&chain]);
         self.publish_duration.with_label_values(&[&chain]);
         self.publish_acks.with_label_values(&[&chain]);
@@ -317,11 +356,8 @@ impl Metrics {
     }
 
     /// Records a head seen by a subscription whose next block to process is `next`, with
-    /// `confirmations`: chain head, endpoint head, lag and state. Labels: `[chain, subscription]`.
+    /// `confirmations`: lag and state. Labels: `[chain, subscription]`.
     pub fn observe_head(&self, labels: &[String; 2], head: u64, next: u64, confirmations: u64) {
-        self.head_block.with_label_values(&[&labels[0]]).set(head as i64);
-        // One endpoint per chain is in use until the endpoint pool reports per endpoint.
-        self.rpc_endpoint_head.with_label_values(&[&labels[0], "0"]).set(head as i64);
         self.lag_blocks.with_label_values(labels).set(head.saturating_sub(next.saturating_sub(1)) as i64);
         let caught_up = head.saturating_sub(confirmations) < next;
         self.progress(labels, caught_up);
@@ -351,14 +387,14 @@ impl Metrics {
 
     /// Counts one RPC call of `method` on `chain` that took `elapsed`, by outcome.
     pub fn observe_rpc<T>(&self, chain: &str, method: &str, elapsed: Duration, result: &Result<T, RpcError>) {
-        let outcome = match result {
-            Ok(_) => "ok",
-            Err(RpcError::Timeout { .. }) => "timeout",
-            Err(RpcError::Transport { .. }) => "transport",
-            Err(RpcError::BadAnswer { .. }) => "bad_answer",
-        };
-        self.rpc_requests.with_label_values(&[chain, method, outcome]).inc();
+        self.count_rpc(chain, method, result);
         self.rpc_duration.with_label_values(&[chain, method]).observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one RPC call of `method` on `chain` by outcome (`ok` or the error's class).
+    pub fn count_rpc<T>(&self, chain: &str, method: &str, result: &Result<T, RpcError>) {
+        let outcome = result.as_ref().err().map_or("ok", RpcError::outcome);
+        self.rpc_requests.with_label_values(&[chain, method, outcome]).inc();
     }
 
     /// Counts a switch from one endpoint of `chain` to another (for the endpoint pool).

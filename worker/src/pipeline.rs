@@ -11,12 +11,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use alloy::rpc::types::Log;
 use alloy_primitives::B256;
 use herald_proto::{Checkpoint, CompiledEvent, Cursor, EventEnvelope, Rewind, StartBlock, SubscriptionSpec};
 use tokio_util::sync::CancellationToken;
 
-use crate::chain::{ChainRpc, LogQuery, RpcError};
+use crate::chain::{BlockRef, ChainRpc, LogQuery, RpcError};
 use crate::decode;
+use crate::heads::{ChainView, Heads, TagState};
+use crate::limits::{RangeHint, RangeSizer};
 use crate::membership::LeaseClock;
 use crate::metrics::Metrics;
 use crate::publish::{EventSink, PublishError};
@@ -41,6 +44,8 @@ pub enum Exit {
 pub struct SubscriptionTask<R, S, C> {
     /// The chain endpoint.
     pub chain: Arc<R>,
+    /// The chain's head, followed by its tracker.
+    pub heads: Heads,
     /// Where envelopes go.
     pub sink: Arc<S>,
     /// Where the cursor lives.
@@ -59,11 +64,14 @@ pub struct SubscriptionTask<R, S, C> {
     pub registration: u64,
     /// The worker's local lease deadline: past it, nothing is published or committed.
     pub lease: LeaseClock,
-    /// How long to wait when caught up.
+    /// How long to wait when caught up and the head tracker is gone (shutdown).
     pub poll_interval: Duration,
     /// Largest `eth_getLogs` span.
     pub max_block_range: u64,
 }
+
+/// How many `eth_getLogs` answers a range gets when blooms say logs are missing.
+const LOG_ATTEMPTS: u32 = 3;
 
 /// Blocks of checkpoints kept in the cursor to find a common ancestor after a reorg.
 const REORG_WINDOW: u64 = 128;
@@ -80,6 +88,10 @@ struct Progress {
     published_through: Option<(u64, u64)>,
     /// Stream sequence of the last message this task stored (or found stored).
     last_seq: u64,
+    /// Whether the missing finality tags of the chain were reported already.
+    reported_no_finality: bool,
+    /// Span of the next `eth_getLogs`, adapting to what the provider accepts.
+    sizer: RangeSizer,
 }
 
 impl Progress {
@@ -90,11 +102,21 @@ impl Progress {
             last_seq: cursor.stream_seq,
             published_through: None,
             cursor: Some(cursor),
+            reported_no_finality: false,
+            sizer: RangeSizer::new(1),
         }
     }
 
     fn fresh(next: u64) -> Self {
-        Self { cursor: None, next, epoch: 0, published_through: None, last_seq: 0 }
+        Self {
+            cursor: None,
+            next,
+            epoch: 0,
+            published_through: None,
+            last_seq: 0,
+            reported_no_finality: false,
+            sizer: RangeSizer::new(1),
+        }
     }
 }
 
@@ -123,6 +145,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         let Some(mut progress) = resume else {
             return Exit::Cancelled;
         };
+        progress.sizer = RangeSizer::new(self.max_block_range);
         let subject = self.spec.subject();
         let Some(tail) = retry("read the stream tail", &cancel, || self.sink.last_published(&subject)).await
         else {
@@ -147,13 +170,16 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             "subscription started"
         );
 
+        let _finality = self.spec.finality.map(|_| self.heads.want_finality());
+        let mut heads = self.heads.subscribe();
         let mut backoff = Backoff::network();
         loop {
             if drain.is_cancelled() {
                 tracing::info!(cursor = progress.next.saturating_sub(1), "drained");
                 return Exit::Drained;
             }
-            let step = self.step(&mut progress, &subject, &cancel).await;
+            let view = heads.borrow_and_update().clone();
+            let step = self.step(&mut progress, &view, &subject, &cancel).await;
             match step {
                 Ok(Step::Continue) => backoff.reset(),
                 Ok(Step::Idle) => {
@@ -161,7 +187,9 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                     tokio::select! {
                         _ = cancel.cancelled() => return Exit::Cancelled,
                         _ = drain.cancelled() => {}
-                        _ = tokio::time::sleep(self.poll_interval) => {}
+                        changed = heads.changed() => if changed.is_err() {
+                            tokio::time::sleep(self.poll_interval).await;
+                        }
                     }
                 }
                 Ok(Step::Exit(exit)) => return exit,
@@ -201,15 +229,19 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         match self.spec.start_block {
             StartBlock::Number(n) => Some(Progress::fresh(n)),
             StartBlock::Latest => {
-                // A chain shorter than the confirmation depth has no confirmed block yet: wait.
+                // Wait for a head; a chain shorter than the confirmation depth has no confirmed
+                // block yet.
+                let mut heads = self.heads.subscribe();
                 let target = loop {
-                    let head = retry("read the chain head", cancel, || self.chain.head()).await?;
-                    if let Some(target) = confirmed_target(head, self.spec.confirmations) {
+                    let head = heads.borrow_and_update().head();
+                    if let Some(target) = head.and_then(|h| confirmed_target(h, self.spec.confirmations)) {
                         break target;
                     }
                     tokio::select! {
                         _ = cancel.cancelled() => return None,
-                        _ = tokio::time::sleep(self.poll_interval) => {}
+                        changed = heads.changed() => if changed.is_err() {
+                            tokio::time::sleep(self.poll_interval).await;
+                        }
                     }
                 };
                 let block = retry("read the start block", cancel, || self.chain.block(target)).await?;
@@ -223,33 +255,49 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
     async fn step(
         &self,
         p: &mut Progress,
+        view: &ChainView,
         subject: &str,
         cancel: &CancellationToken,
     ) -> Result<Step, RpcError> {
         let labels = self.labels();
-        let Some(head) = self.call(self.chain.head(), "eth_blockNumber", cancel).await? else {
-            return Ok(Step::Exit(Exit::Cancelled));
+        let Some(head) = view.head() else {
+            return Ok(Step::Idle);
         };
         self.metrics.observe_head(&labels, head, p.next, self.spec.confirmations);
-        // Is what was processed still canonical? A lagging endpoint (head below the cursor) is
-        // not a reorg: wait for it.
+        // Is what was processed still canonical? Checked against the head tracker's window
+        // when recent, by asking the endpoint otherwise. A lagging endpoint (head below the
+        // cursor) is not a reorg: wait for it.
         if let Some(cursor) = p.cursor.clone()
             && !cursor.block_hash.is_zero()
             && cursor.block_number <= head
         {
-            let Some(now) =
-                self.call(self.chain.block(cursor.block_number), "eth_getBlockByNumber", cancel).await?
-            else {
+            let Some(now) = self.canonical_block(view, cursor.block_number, cancel).await? else {
                 return Ok(Step::Exit(Exit::Cancelled));
             };
             if now.hash != cursor.block_hash {
                 return self.unwind(p, &cursor, subject, cancel).await;
             }
         }
-        let Some(target) = confirmed_target(head, self.spec.confirmations) else {
+        let Some(mut target) = confirmed_target(head, self.spec.confirmations) else {
             return Ok(Step::Idle);
         };
-        let Some(range) = next_range(p.next, target, self.max_block_range) else {
+        if let Some(finality) = self.spec.finality {
+            match view.finality(finality) {
+                TagState::At(tagged) => target = target.min(tagged),
+                TagState::Unknown => return Ok(Step::Idle),
+                TagState::Unsupported => {
+                    if !p.reported_no_finality {
+                        tracing::warn!(
+                            finality = finality.tag(),
+                            confirmations = self.spec.confirmations,
+                            "the chain has no such block tag; publishing by confirmations alone"
+                        );
+                        p.reported_no_finality = true;
+                    }
+                }
+            }
+        }
+        let Some(range) = next_range(p.next, target, p.sizer.span()) else {
             return Ok(Step::Idle);
         };
         let (from, to) = (*range.start(), *range.end());
@@ -258,12 +306,33 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         topics[0] = Some(vec![self.event.selector]);
         topics[1..].clone_from_slice(&self.event.topic_filters);
         let query = LogQuery { from, to, address: self.spec.address, topics };
-        let Some(logs) = self.call(self.chain.logs(&query), "eth_getLogs", cancel).await? else {
+        let Some(last_block) = self.canonical_block(view, to, cancel).await? else {
             return Ok(Step::Exit(Exit::Cancelled));
         };
-        let Some(last_block) = self.call(self.chain.block(to), "eth_getBlockByNumber", cancel).await? else {
-            return Ok(Step::Exit(Exit::Cancelled));
+        let span = to - from + 1;
+        let logs = match self.fetch_logs(&query, view, &last_block, cancel).await {
+            Ok(Some(logs)) => logs,
+            Ok(None) => return Ok(Step::Exit(Exit::Cancelled)),
+            Err(RpcError::RangeTooLarge { hint, .. }) if span > 1 => {
+                let next = p.sizer.refused(span, hint);
+                self.metrics.rpc_range_splits.with_label_values(&[&labels[0]]).inc();
+                tracing::debug!(
+                    from,
+                    to,
+                    ?hint,
+                    next_span = next,
+                    "provider refused the range; asking smaller"
+                );
+                return Ok(Step::Continue);
+            }
+            Err(e @ RpcError::Timeout { .. }) if span > 1 => {
+                p.sizer.refused(span, RangeHint::TooLarge);
+                self.metrics.rpc_range_splits.with_label_values(&[&labels[0]]).inc();
+                return Err(e);
+            }
+            Err(e) => return Err(e),
         };
+        p.sizer.answered(span, logs.len());
 
         for log in logs.iter().filter(|l| self.event.matches_topics(l.topics())) {
             let mut envelope = decode::envelope(self.spec.chain_id, &self.spec.id, &self.event, log);
@@ -483,6 +552,85 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         Ok(Step::Continue)
     }
 
+    /// The canonical block at `number`: from the head tracker's window when recent, else from
+    /// the endpoint. `Ok(None)` if cancelled.
+    async fn canonical_block(
+        &self,
+        view: &ChainView,
+        number: u64,
+        cancel: &CancellationToken,
+    ) -> Result<Option<BlockRef>, RpcError> {
+        match view.block(number) {
+            Some(block) => Ok(Some(*block)),
+            None => self.call(self.chain.block(number), "eth_getBlockByNumber", cancel).await,
+        }
+    }
+
+    /// `eth_getLogs`, not trusted to be complete or canonical. Every log must come from the
+    /// canonical block known for its height (else the chain is reorganising under the call:
+    /// retried). A known block whose `logsBloom` says it may hold a matching log, but which
+    /// got none, makes the answer suspect: it is asked again (answers merged) up to
+    /// [`LOG_ATTEMPTS`] times before the bloom is taken for a false positive. Known blocks
+    /// are the head tracker's window (where endpoints behind load balancers serve answers
+    /// whose log index lags their head) and the range's last block. `Ok(None)` if cancelled.
+    async fn fetch_logs(
+        &self,
+        query: &LogQuery,
+        view: &ChainView,
+        last_block: &BlockRef,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Vec<Log>>, RpcError> {
+        let known =
+            |number: u64| if number == last_block.number { Some(last_block) } else { view.block(number) };
+        let mut merged: BTreeMap<(u64, u64), Log> = BTreeMap::new();
+        for attempt in 1..=LOG_ATTEMPTS {
+            let Some(logs) = self.call(self.chain.logs(query), "eth_getLogs", cancel).await? else {
+                return Ok(None);
+            };
+            for log in logs {
+                let (number, index) =
+                    (log.block_number.unwrap_or_default(), log.log_index.unwrap_or_default());
+                if let Some(block) = known(number)
+                    && log.block_hash != Some(block.hash)
+                {
+                    return Err(RpcError::BadAnswer {
+                        method: "eth_getLogs",
+                        message: format!(
+                            "log from block {number} {:?}, but the canonical block is {}: the chain is reorganising",
+                            log.block_hash, block.hash
+                        ),
+                    });
+                }
+                merged.insert((number, index), log);
+            }
+            let suspect: Vec<u64> = view
+                .window
+                .range(query.from, query.to)
+                .chain(std::iter::once(last_block))
+                .filter(|b| b.may_contain(&query.address, &query.topics))
+                .filter(|b| merged.range((b.number, 0)..=(b.number, u64::MAX)).next().is_none())
+                .map(|b| b.number)
+                .collect();
+            if suspect.is_empty() {
+                break;
+            }
+            if attempt < LOG_ATTEMPTS {
+                self.metrics.incomplete_log_answers.with_label_values(&[&self.labels()[0]]).inc();
+                tracing::debug!(
+                    ?suspect,
+                    attempt,
+                    "logsBloom says logs are missing from the answer; asking again"
+                );
+            } else {
+                tracing::debug!(
+                    ?suspect,
+                    "logsBloom matched but no logs after {LOG_ATTEMPTS} answers: false positive"
+                );
+            }
+        }
+        Ok(Some(merged.into_values().collect()))
+    }
+
     /// Commits the cursor, retrying etcd failures; `Err(exit)` when fenced or cancelled.
     ///
     /// A write in flight is never abandoned on cancellation: etcd may still apply a request
@@ -576,22 +724,53 @@ mod tests {
         keccak256(n.to_be_bytes())
     }
 
+    #[derive(Default)]
     struct FakeChain {
         head: u64,
         logs: Vec<Log>,
+        /// Every n-th `eth_getLogs` answer is empty, like a load-balanced endpoint whose log
+        /// index lags its head.
+        empty_every: Option<usize>,
+        log_calls: Mutex<usize>,
+    }
+
+    impl FakeChain {
+        fn new(head: u64, logs: Vec<Log>) -> Self {
+            Self { head, logs, ..Default::default() }
+        }
     }
 
     impl ChainRpc for FakeChain {
         async fn chain_id(&self) -> Result<u64, RpcError> {
             Ok(1)
         }
-        async fn head(&self) -> Result<u64, RpcError> {
-            Ok(self.head)
+        async fn tip(&self, tip: crate::chain::Tip) -> Result<Option<BlockRef>, RpcError> {
+            match tip {
+                crate::chain::Tip::Latest => self.block(self.head).await.map(Some),
+                crate::chain::Tip::Final(_) => Ok(None),
+            }
         }
         async fn block(&self, number: u64) -> Result<BlockRef, RpcError> {
-            Ok(BlockRef { number, hash: block_hash(number), parent_hash: block_hash(number.wrapping_sub(1)) })
+            let mut logs_bloom = alloy_primitives::Bloom::default();
+            for log in self.logs.iter().filter(|l| l.block_number == Some(number)) {
+                logs_bloom.accrue_log(&log.inner);
+            }
+            Ok(BlockRef {
+                number,
+                hash: block_hash(number),
+                parent_hash: block_hash(number.wrapping_sub(1)),
+                logs_bloom,
+            })
         }
         async fn logs(&self, q: &LogQuery) -> Result<Vec<Log>, RpcError> {
+            let call = {
+                let mut calls = self.log_calls.lock().unwrap();
+                *calls += 1;
+                *calls
+            };
+            if self.empty_every.is_some_and(|n| call.is_multiple_of(n)) {
+                return Ok(vec![]);
+            }
             Ok(self
                 .logs
                 .iter()
@@ -721,8 +900,19 @@ mod tests {
             "start_block": 1,
         }))
         .unwrap();
+        let chain = Arc::new(chain);
+        let heads = crate::heads::HeadTracker {
+            chain_id: 1,
+            rpc: chain.clone(),
+            ws_url: None,
+            poll_interval: Duration::from_millis(5),
+            request_timeout: Duration::from_secs(1),
+            metrics: Metrics::new(),
+        }
+        .spawn(CancellationToken::new());
         SubscriptionTask {
-            chain: Arc::new(chain),
+            chain,
+            heads,
             sink,
             store,
             metrics: Metrics::new(),
@@ -775,7 +965,7 @@ mod tests {
                     fenced: false,
                     logs_by_block: blocks.iter().map(|&(b, n)| (b, n)).collect(),
                 });
-                let chain = FakeChain { head: 10, logs: transfer_logs(&blocks) };
+                let chain = FakeChain::new(10, transfer_logs(&blocks));
                 run_until_cursor(task(chain, sink.clone(), store.clone(), range), &store, 10).await;
                 let want: Vec<String> = (0..total).map(|i| i.to_string()).collect();
                 assert_eq!(values(&sink), want, "fail_at={fail_at} range={range}");
@@ -809,7 +999,7 @@ mod tests {
             fenced: false,
             logs_by_block: blocks.iter().map(|&(b, n)| (b, n)).collect(),
         });
-        let chain = FakeChain { head: 3, logs };
+        let chain = FakeChain::new(3, logs);
         run_until_cursor(task(chain, sink.clone(), store.clone(), 10), &store, 3).await;
         assert_eq!(values(&sink), ["0", "1", "2", "3", "4", "5"]);
         assert_eq!(*sink.calls.lock().unwrap(), 3, "only the missing three were published");
@@ -825,7 +1015,7 @@ mod tests {
             fenced: false,
             logs_by_block: blocks.iter().map(|&(b, n)| (b, n)).collect(),
         });
-        let chain = FakeChain { head: 2, logs: transfer_logs(&blocks) };
+        let chain = FakeChain::new(2, transfer_logs(&blocks));
         run_until_cursor(task(chain, sink.clone(), store.clone(), 10), &store, 2).await;
         let stored = sink.stored.lock().unwrap();
         assert_eq!(stored.len(), 3);
@@ -838,6 +1028,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn answers_missing_logs_the_bloom_announces_are_asked_again() {
+        let blocks = [(2, 1), (5, 2), (6, 1), (9, 3)];
+        for empty_every in [2, 3] {
+            let sink = Arc::new(FakeSink::default());
+            let store = Arc::new(FakeStore {
+                sink: sink.clone(),
+                commits: Mutex::default(),
+                fenced: false,
+                logs_by_block: blocks.iter().map(|&(b, n)| (b, n)).collect(),
+            });
+            let chain =
+                FakeChain { empty_every: Some(empty_every), ..FakeChain::new(10, transfer_logs(&blocks)) };
+            // One block per range: every block's answer is checked against its bloom.
+            run_until_cursor(task(chain, sink.clone(), store.clone(), 1), &store, 10).await;
+            assert_eq!(values(&sink), ["0", "1", "2", "3", "4", "5", "6"], "empty_every={empty_every}");
+        }
+    }
+
+    #[tokio::test]
     async fn a_fenced_cursor_write_stops_the_task() {
         let sink = Arc::new(FakeSink::default());
         let store = Arc::new(FakeStore {
@@ -846,7 +1055,7 @@ mod tests {
             fenced: true,
             logs_by_block: BTreeMap::new(),
         });
-        let chain = FakeChain { head: 3, logs: vec![] };
+        let chain = FakeChain::new(3, vec![]);
         let exit = task(chain, sink, store, 10).run(CancellationToken::new(), CancellationToken::new()).await;
         assert_eq!(exit, Exit::Fenced);
     }

@@ -19,8 +19,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::chain::AlloyRpc;
 use crate::config::ChainConfig;
+use crate::endpoints::EndpointPool;
 use crate::membership::LeaseClock;
 use crate::metrics::Metrics;
 use crate::pipeline::{Exit, SubscriptionTask};
@@ -38,7 +38,9 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// A chain this worker serves.
 pub struct ChainHandle {
     /// Its endpoint.
-    pub rpc: Arc<AlloyRpc>,
+    pub rpc: Arc<EndpointPool>,
+    /// Its head, followed by one tracker for all its subscriptions.
+    pub heads: crate::heads::Heads,
     /// Its configuration.
     pub config: ChainConfig,
 }
@@ -334,6 +336,7 @@ impl Supervisor {
         };
         let task = SubscriptionTask {
             chain: chain.rpc.clone(),
+            heads: chain.heads.clone(),
             sink: self.sink.clone(),
             store: Arc::new(self.store.clone()),
             metrics: self.metrics.clone(),

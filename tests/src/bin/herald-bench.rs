@@ -2,7 +2,7 @@
 //! `bench: <name> key=value ... ratio=<figure / target>`; ratio <= 1 is on target. Figures are
 //! measured in this run on this machine; nothing here asserts a time.
 //!
-//! `BENCH=<name>` runs one scenario: `planner`, `takeover`, `drain`.
+//! `BENCH=<name>` runs one scenario: `planner`, `backfill`, `live`, `takeover`, `drain`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -147,16 +147,176 @@ async fn drain() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Logs in the backfill scenario: 200 transactions of 1,000 Transfers each.
+const BACKFILL_TXS: u64 = 200;
+const LOGS_PER_TX: u64 = 1_000;
+
+/// Raw `eth_getLogs` throughput over `first..=last` with 4 ranges in flight, logs per second,
+/// at the best of a few range sizes.
+async fn raw_get_logs(stack: &Stack, first: u64, last: u64) -> anyhow::Result<(f64, u64)> {
+    let mut best = (0.0, 0);
+    for span in [1u64, 5, 25] {
+        let started = Instant::now();
+        let ranges: Vec<(u64, u64)> =
+            (first..=last).step_by(span as usize).map(|from| (from, (from + span - 1).min(last))).collect();
+        let mut total = 0;
+        for chunk in ranges.chunks(4) {
+            let counts = futures::future::try_join_all(
+                chunk.iter().map(|&(from, to)| stack.chain.count_transfers(from, to)),
+            )
+            .await?;
+            total += counts.iter().sum::<usize>();
+        }
+        let rate = total as f64 / started.elapsed().as_secs_f64();
+        if rate > best.0 {
+            best = (rate, span);
+        }
+    }
+    Ok(best)
+}
+
+/// Raw JetStream publish throughput of `count` payloads like herald's, with up to 1,024 acks
+/// outstanding, messages per second.
+async fn raw_publish(stack: &Stack, sample: &[u8], count: u64) -> anyhow::Result<f64> {
+    let client = async_nats::connect(stack.nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "BENCHRAW".into(),
+        subjects: vec!["benchraw.>".into()],
+        ..Default::default()
+    })
+    .await?;
+    let payload = bytes::Bytes::copy_from_slice(sample);
+    let started = Instant::now();
+    let mut acks = std::collections::VecDeque::new();
+    for i in 0..count {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("raw-{i}").as_str());
+        acks.push_back(js.publish_with_headers("benchraw.x", headers, payload.clone()).await?);
+        if acks.len() >= 1024 {
+            acks.pop_front().unwrap().await?;
+        }
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn backfill() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let first = stack.chain.head().await? + 1;
+    let mut last = 0;
+    for _ in 0..BACKFILL_TXS {
+        last = stack.chain.emit_many(LOGS_PER_TX).await?;
+    }
+    let total = BACKFILL_TXS * LOGS_PER_TX;
+    let (rpc_ceiling, best_span) = raw_get_logs(&stack, first, last).await?;
+
+    let mut etcd = stack.etcd.client().await?;
+    let spec = stack.subscription("backfill", TRANSFER_EVENT);
+    let mut settings = stack.worker_settings("bench-a");
+    settings.max_block_range = 1000;
+    let worker = WorkerProcess::start(settings)?;
+    wait_for("the worker to serve metrics", TIMEOUT, || async {
+        worker.metric("herald_worker_assigned_subscriptions", &[]).await
+    })
+    .await?;
+    let started = Instant::now();
+    herald_tests::register_subscription(&mut etcd, &spec, "bench-a").await?;
+    let mut peak_rss = 0;
+    wait_for("the backfill to finish", Duration::from_secs(1800), || {
+        peak_rss = peak_rss.max(worker.peak_rss_bytes().unwrap_or(0));
+        let etcd = stack.etcd.client();
+        let id = spec.id.clone();
+        async move {
+            let cursor = read_cursor(&mut etcd.await.ok()?, &id).await.ok()??;
+            (cursor.block_number >= last).then_some(())
+        }
+    })
+    .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    peak_rss = peak_rss.max(worker.peak_rss_bytes().unwrap_or(0));
+    let events_per_s = total as f64 / seconds;
+
+    let sample =
+        herald_tests::StreamReader::connect(&stack.nats.url()).await?.first_payload(&spec.subject()).await?;
+    let publish_ceiling = raw_publish(&stack, &sample, total).await?;
+    let ceiling = rpc_ceiling.min(publish_ceiling);
+    println!(
+        "bench: backfill logs={total} seconds={seconds:.2} events_per_s={events_per_s:.0} \
+         rpc_ceiling_per_s={rpc_ceiling:.0} rpc_best_span_blocks={best_span} publish_ceiling_per_s={publish_ceiling:.0} \
+         peak_rss_mb={:.1} target_ratio=0.8 target_rss_mb=300 ratio={:.3}",
+        peak_rss as f64 / 1e6,
+        events_per_s / ceiling
+    );
+    Ok(())
+}
+
+async fn live() -> anyhow::Result<()> {
+    const BLOCKS: usize = 40;
+    let stack = Stack::start().await?;
+    let mut etcd = stack.etcd.client().await?;
+    let mut spec = stack.subscription("live", TRANSFER_EVENT);
+    spec.start_block = herald_proto::StartBlock::Latest;
+    let mut settings = stack.worker_settings("bench-a");
+    settings.ws = Some(stack.anvil.ws_url());
+    herald_tests::register_subscription(&mut etcd, &spec, "bench-a").await?;
+    let _worker = WorkerProcess::start(settings)?;
+    let client = async_nats::connect(stack.nats.url()).await?;
+    // Core NATS sees each message as JetStream stores it (the publish ack follows it); a
+    // reader task stamps each arrival.
+    let mut messages = client.subscribe(spec.subject()).await?;
+    let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while futures::StreamExt::next(&mut messages).await.is_some() {
+            if arrived.send(Instant::now()).is_err() {
+                return;
+            }
+        }
+    });
+    // Warm up: the subscription's cursor is pinned and a first block delivered.
+    stack.chain.emit_many(1).await?;
+    tokio::time::timeout(TIMEOUT, arrivals.recv()).await?;
+    let mut latencies = Vec::with_capacity(BLOCKS);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    for _ in 0..BLOCKS {
+        tick.tick().await;
+        // anvil mines on receipt of the transaction: the block appears within the send.
+        let sent = Instant::now();
+        stack.chain.emit_many(3).await?;
+        let mut last = sent;
+        for _ in 0..3 {
+            last = tokio::time::timeout(TIMEOUT, arrivals.recv()).await?.unwrap_or(last);
+        }
+        latencies.push((last - sent).as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let p50 = latencies[latencies.len() / 2];
+    let p99 = latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)];
+    println!(
+        "bench: live blocks={BLOCKS} block_interval_ms=500 p50_ms={p50:.1} p99_ms={p99:.1} target_p99_ms=50 ratio={:.3}",
+        p99 / 50.0
+    );
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let only = std::env::var("BENCH").ok().filter(|b| !b.is_empty());
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
-    let known = ["planner", "takeover", "drain"];
+    let known = ["planner", "backfill", "live", "takeover", "drain"];
     if let Some(o) = &only {
         anyhow::ensure!(known.contains(&o.as_str()), "unknown BENCH={o}; known: {known:?}");
     }
     if wanted("planner") {
         planner();
+    }
+    if wanted("backfill") {
+        backfill().await?;
+    }
+    if wanted("live") {
+        live().await?;
     }
     if wanted("takeover") {
         takeover().await?;
