@@ -45,8 +45,10 @@ api-fuzz: build
 ## Benchmarks: one line per scenario, `bench: <name> ... ratio=<figure/target>`. BENCH=<name> runs one.
 BENCH ?=
 export BENCH
-bench: build
-	@cargo run -q -p herald-tests --bin herald-bench
+## Release builds: the figures are herald's, not the debug build's.
+bench: deps
+	cargo build --release --bins
+	@cargo run --release -q -p herald-tests --bin herald-bench
 
 ## Unit tests only (no services).
 test-unit:

@@ -128,12 +128,17 @@ pub struct RangeSizer {
 
 /// Answers with fewer logs than this let the span grow.
 pub const SMALL_ANSWER: usize = 1_000;
+/// Answers with more logs than this make the span shrink: memory per range stays bounded
+/// whatever the contract's density.
+pub const LARGE_ANSWER: usize = 10_000;
+/// The first span, doubled while answers are small.
+pub const INITIAL_SPAN: u64 = 100;
 
 impl RangeSizer {
-    /// Starts at the configured maximum span.
+    /// Starts small ([`INITIAL_SPAN`], or the maximum if lower).
     pub fn new(max: u64) -> Self {
         let max = max.max(1);
-        Self { max, span: max }
+        Self { max, span: INITIAL_SPAN.min(max) }
     }
 
     /// The span to ask for next.
@@ -145,6 +150,8 @@ impl RangeSizer {
     pub fn answered(&mut self, requested: u64, logs: usize) {
         if logs < SMALL_ANSWER && requested >= self.span {
             self.span = self.span.saturating_mul(2).min(self.max);
+        } else if logs > LARGE_ANSWER {
+            self.span = (requested / 2).max(1);
         }
     }
 
@@ -209,6 +216,12 @@ mod tests {
     #[test]
     fn refusals_shrink_and_small_answers_grow_back() {
         let mut s = RangeSizer::new(1000);
+        assert_eq!(s.span(), INITIAL_SPAN);
+        for _ in 0..4 {
+            let span = s.span();
+            s.answered(span, 10);
+        }
+        assert_eq!(s.span(), 1000);
         assert_eq!(s.refused(1000, RangeHint::TooLarge), 500);
         assert_eq!(s.refused(500, RangeHint::MaxSpan(100)), 100);
         assert_eq!(s.refused(100, RangeHint::Suggested { from: 7, to: 16 }), 10);
@@ -216,6 +229,9 @@ mod tests {
         assert_eq!(s.span(), 20);
         s.answered(20, 5000);
         assert_eq!(s.span(), 20, "a big answer does not grow the span");
+        s.answered(20, 50_000);
+        assert_eq!(s.span(), 10, "a huge answer shrinks it");
+        s.answered(10, 5);
         for _ in 0..10 {
             let span = s.span();
             s.answered(span, 0);

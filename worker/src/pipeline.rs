@@ -70,6 +70,9 @@ pub struct SubscriptionTask<R, S, C> {
     pub max_block_range: u64,
 }
 
+/// Messages per atomic batch (the server accepts up to 1,000).
+const PUBLISH_BATCH: usize = 500;
+
 /// How many `eth_getLogs` answers a range gets when blooms say logs are missing.
 const LOG_ATTEMPTS: u32 = 3;
 
@@ -334,6 +337,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         };
         p.sizer.answered(span, logs.len());
 
+        let mut envelopes = Vec::with_capacity(logs.len());
         for log in logs.iter().filter(|l| self.event.matches_topics(l.topics())) {
             let mut envelope = decode::envelope(self.spec.chain_id, &self.spec.id, &self.event, log);
             envelope.rewind_epoch = p.epoch;
@@ -351,7 +355,11 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                     "log does not decode with the subscription's ABI; publishing it raw, flagged"
                 );
             }
-            match self.publish(subject, &envelope, cancel).await {
+            envelopes.push(envelope);
+        }
+        drop(logs);
+        for batch in envelopes.chunks(PUBLISH_BATCH) {
+            match self.publish_in_order(subject, batch, cancel).await {
                 Ok(sequence) => p.last_seq = p.last_seq.max(sequence),
                 Err(exit) => return Ok(Step::Exit(exit)),
             }
@@ -369,6 +377,44 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         p.cursor = Some(cursor);
         self.metrics.observe_cursor(&labels, head, to, target);
         Ok(if to < target { Step::Continue } else { Step::Idle })
+    }
+
+    /// Publishes `envelopes` in order and returns the stream sequence of the last one: as one
+    /// atomic batch when the stream takes it, else one by one (a batch is refused as a whole
+    /// when it holds a message already stored: a replay after a crash or takeover). `Err` if
+    /// cancelled or fenced first.
+    async fn publish_in_order(
+        &self,
+        subject: &str,
+        envelopes: &[EventEnvelope],
+        cancel: &CancellationToken,
+    ) -> Result<u64, Exit> {
+        if envelopes.len() > 1 {
+            self.check_lease()?;
+            let result = tokio::select! {
+                _ = cancel.cancelled() => return Err(Exit::Cancelled),
+                r = self.sink.publish_batch(subject, envelopes) => r,
+            };
+            match result {
+                Ok(sequence) => {
+                    self.metrics
+                        .events_published
+                        .with_label_values(&self.labels())
+                        .inc_by(envelopes.len() as u64);
+                    return Ok(sequence);
+                }
+                Err(e) => tracing::debug!(
+                    error = %e,
+                    messages = envelopes.len(),
+                    "atomic batch not stored; publishing its messages one by one"
+                ),
+            }
+        }
+        let mut last = 0;
+        for envelope in envelopes {
+            last = last.max(self.publish(subject, envelope, cancel).await?);
+        }
+        Ok(last)
     }
 
     /// Publishes until acknowledged and returns the stream sequence; `Err` if cancelled or
@@ -808,6 +854,26 @@ mod tests {
                 stored.push(e.clone());
             }
             Ok(Stored { sequence: stored.len() as u64, duplicate })
+        }
+        async fn publish_batch(&self, _subject: &str, batch: &[EventEnvelope]) -> Result<u64, PublishError> {
+            let calls = {
+                let mut calls = self.calls.lock().unwrap();
+                let first = *calls + 1;
+                *calls += batch.len();
+                first..=*calls
+            };
+            if self.fail_calls.iter().any(|c| calls.contains(c)) {
+                return Err(PublishError::Nats("injected".into()));
+            }
+            if self.max_data.is_some_and(|max| batch.iter().any(|e| e.data.len() > max)) {
+                return Err(PublishError::Nats("too large".into()));
+            }
+            let mut stored = self.stored.lock().unwrap();
+            if batch.iter().any(|e| stored.iter().any(|s| s.msg_id() == e.msg_id())) {
+                return Err(PublishError::Nats("atomic publish batch contains duplicate message id".into()));
+            }
+            stored.extend(batch.iter().cloned());
+            Ok(stored.len() as u64)
         }
         async fn last_published(&self, _subject: &str) -> Result<Option<EventEnvelope>, PublishError> {
             Ok(self.stored.lock().unwrap().last().cloned())

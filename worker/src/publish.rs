@@ -1,10 +1,15 @@
 //! JetStream: the narrow [`EventSink`] trait and its async-nats adapter.
 //!
 //! Each message carries `Nats-Msg-Id` (see [`herald_proto::msg_id`]), so any redelivery
-//! inside the stream's duplicate window is dropped by the server. A subscription publishes
-//! strictly one message at a time and waits for its ack: a message is never sent before every
-//! earlier one of the same subscription is stored, which keeps the stream in (block, log index)
-//! order even when the connection drops in the middle of a batch.
+//! inside the stream's duplicate window is dropped by the server.
+//!
+//! Order is never left to luck. Messages of one subscription go out either as an **atomic
+//! batch** (JetStream ADR-50: the server stores all of them, in order, or none) or one at a
+//! time, each acknowledged before the next is sent. Pipelining plain publishes would not do: a
+//! message lost in a connection drop can be followed by a later one stored after the
+//! reconnect. A batch is the fast path; when it is refused (it holds a message the stream
+//! already has, after a crash or takeover; or the connection dropped) its messages are
+//! published one by one, where duplicates are dropped individually.
 
 use std::future::Future;
 use std::time::Duration;
@@ -61,6 +66,14 @@ pub trait EventSink: Send + Sync + 'static {
         envelope: &EventEnvelope,
     ) -> impl Future<Output = Result<Stored, PublishError>> + Send;
 
+    /// Publishes `envelopes` as one atomic batch: all stored, in order, or none. Returns the
+    /// stream sequence of the last one. Refused as a whole if any of them is already stored.
+    fn publish_batch(
+        &self,
+        subject: &str,
+        envelopes: &[EventEnvelope],
+    ) -> impl Future<Output = Result<u64, PublishError>> + Send;
+
     /// The last envelope stored on `subject`, if any: the stream is the journal of what was
     /// published, which lets a (re)starting owner skip what is already there.
     fn last_published(
@@ -103,6 +116,7 @@ impl JetStreamSink {
             max_age: config.max_age,
             num_replicas: config.replicas,
             allow_direct: true,
+            allow_atomic_publish: true,
             ..Default::default()
         };
         self.js.create_or_update_stream(wanted).await.map_err(|e| PublishError::Nats(e.to_string()))?;
@@ -110,20 +124,77 @@ impl JetStreamSink {
     }
 }
 
-impl EventSink for JetStreamSink {
-    async fn publish(&self, subject: &str, envelope: &EventEnvelope) -> Result<Stored, PublishError> {
+impl JetStreamSink {
+    /// The message for `envelope`, with its id and routing headers.
+    fn message(&self, envelope: &EventEnvelope) -> Result<PublishMessage, PublishError> {
         let payload = Bytes::from(serde_json::to_vec(envelope).expect("envelopes serialise"));
         // Leave room for the headers.
         let max = self.js.client().server_info().max_payload.saturating_sub(1024);
         if max > 0 && payload.len() > max {
             return Err(PublishError::TooLarge { size: payload.len(), max });
         }
-        let message = PublishMessage::build()
+        Ok(PublishMessage::build()
             .payload(payload)
             .message_id(envelope.msg_id())
             .header(subjects::SUBSCRIPTION_HEADER, envelope.subscription_id.as_str())
             .header(subjects::BLOCK_HEADER, envelope.block_number.to_string().as_str())
-            .header(subjects::REMOVED_HEADER, if envelope.removed { "true" } else { "false" });
+            .header(subjects::REMOVED_HEADER, if envelope.removed { "true" } else { "false" }))
+    }
+}
+
+/// Ids of atomic batches: unique per process and attempt.
+fn next_batch_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static NONCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let nonce = NONCE.get_or_init(|| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        now.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
+    });
+    format!("herald-{nonce:x}-{}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+impl EventSink for JetStreamSink {
+    async fn publish_batch(&self, subject: &str, envelopes: &[EventEnvelope]) -> Result<u64, PublishError> {
+        let nats = |e: &dyn std::fmt::Display| PublishError::Nats(e.to_string());
+        let batch_id = next_batch_id();
+        let count = envelopes.len();
+        let mut messages = Vec::with_capacity(count);
+        for (i, envelope) in envelopes.iter().enumerate() {
+            let mut message = self
+                .message(envelope)?
+                .header("Nats-Batch-Id", batch_id.as_str())
+                .header("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+            if i + 1 == count {
+                message = message.header("Nats-Batch-Commit", "1");
+            }
+            messages.push(message);
+        }
+        let Some(commit) = messages.pop() else {
+            return Err(PublishError::Nats("empty batch".into()));
+        };
+        let send = async {
+            let client = self.js.client();
+            for message in messages {
+                let outbound = message.outbound_message(subject.to_owned());
+                let headers = outbound.headers.unwrap_or_default();
+                client
+                    .publish_with_headers(subject.to_owned(), headers, outbound.payload)
+                    .await
+                    .map_err(|e| nats(&e))?;
+            }
+            let pending = self.js.send_publish(subject.to_owned(), commit).await.map_err(|e| nats(&e))?;
+            pending.await.map_err(|e| nats(&e))
+        };
+        match tokio::time::timeout(self.ack_timeout, send).await {
+            Err(_) => Err(PublishError::AckTimeout(self.ack_timeout)),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(ack)) => Ok(ack.sequence),
+        }
+    }
+
+    async fn publish(&self, subject: &str, envelope: &EventEnvelope) -> Result<Stored, PublishError> {
+        let message = self.message(envelope)?;
         let ack = async {
             let pending = self.js.send_publish(subject.to_owned(), message).await?;
             pending.await
