@@ -248,19 +248,19 @@ impl Metrics {
             ),
             publish_duration: histogram_vec(
                 "herald_jetstream_publish_duration_seconds",
-                "Time from publishing a message to JetStream's acknowledgement (or failure).",
+                "Time from publishing a message or an atomic batch to JetStream's acknowledgement (or failure).",
                 &["chain_id"],
             ),
             publish_acks: counter_vec(
                 "herald_jetstream_acks_total",
-                "Publishes JetStream acknowledged, stored or duplicate.",
+                "Messages JetStream acknowledged (alone or in an atomic batch), stored or duplicate.",
                 &["chain_id"],
             ),
             publishes_in_flight: register(
                 r,
                 IntGauge::new(
                     "herald_jetstream_publishes_in_flight",
-                    "Publishes sent to JetStream and not yet acknowledged.",
+                    "Messages sent to JetStream (alone or in an atomic batch) and not yet acknowledged.",
                 )
                 .expect("valid metric"),
             ),
@@ -421,15 +421,23 @@ impl Metrics {
             .set(head as i64);
     }
 
-    /// Starts timing one publish on `chain`: counts it in flight until the guard is dropped,
-    /// then records its latency.
-    pub fn publish_timer(&self, chain: &str) -> PublishTimer {
-        self.publishes_in_flight.inc();
+    /// Starts timing one publish (a message or an atomic batch of `messages`) on `chain`:
+    /// counts its messages in flight until the guard is dropped, then records its latency.
+    pub fn publish_timer(&self, chain: &str, messages: usize) -> PublishTimer {
+        let messages = i64::try_from(messages).unwrap_or(i64::MAX);
+        self.publishes_in_flight.add(messages);
         PublishTimer {
             in_flight: self.publishes_in_flight.clone(),
+            messages,
             duration: self.publish_duration.with_label_values(&[chain]),
             started: Instant::now(),
         }
+    }
+
+    /// Counts an atomic batch of `messages` JetStream stored.
+    pub fn observe_batch_ack(&self, labels: &[String; 2], messages: usize) {
+        self.publish_acks.with_label_values(&[&labels[0]]).inc_by(messages as u64);
+        self.events_published.with_label_values(labels).inc_by(messages as u64);
     }
 
     /// Counts a publish JetStream acknowledged; `duplicate` when it already had the message.
@@ -477,13 +485,14 @@ impl Drop for SubscriptionSeries {
 /// Times one publish (see [`Metrics::publish_timer`]).
 pub struct PublishTimer {
     in_flight: IntGauge,
+    messages: i64,
     duration: Histogram,
     started: Instant,
 }
 
 impl Drop for PublishTimer {
     fn drop(&mut self) {
-        self.in_flight.dec();
+        self.in_flight.sub(self.messages);
         self.duration.observe(self.started.elapsed().as_secs_f64());
     }
 }
@@ -536,8 +545,8 @@ mod tests {
     #[test]
     fn publish_timer_tracks_in_flight_and_rpc_outcomes_are_classified() {
         let m = Metrics::new();
-        let timer = m.publish_timer("1");
-        assert_eq!(m.publishes_in_flight.get(), 1);
+        let timer = m.publish_timer("1", 3);
+        assert_eq!(m.publishes_in_flight.get(), 3);
         drop(timer);
         assert_eq!(m.publishes_in_flight.get(), 0);
         assert_eq!(m.publish_duration.with_label_values(&["1"]).get_sample_count(), 1);

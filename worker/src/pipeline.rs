@@ -391,16 +391,15 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
     ) -> Result<u64, Exit> {
         if envelopes.len() > 1 {
             self.check_lease()?;
+            let timer = self.metrics.publish_timer(&self.labels()[0], envelopes.len());
             let result = tokio::select! {
                 _ = cancel.cancelled() => return Err(Exit::Cancelled),
                 r = self.sink.publish_batch(subject, envelopes) => r,
             };
+            drop(timer);
             match result {
                 Ok(sequence) => {
-                    self.metrics
-                        .events_published
-                        .with_label_values(&self.labels())
-                        .inc_by(envelopes.len() as u64);
+                    self.metrics.observe_batch_ack(&self.labels(), envelopes.len());
                     return Ok(sequence);
                 }
                 Err(e) => tracing::debug!(
@@ -429,7 +428,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         let mut backoff = Backoff::network();
         loop {
             self.check_lease()?;
-            let timer = self.metrics.publish_timer(&labels[0]);
+            let timer = self.metrics.publish_timer(&labels[0], 1);
             let result = tokio::select! {
                 _ = cancel.cancelled() => return Err(Exit::Cancelled),
                 r = self.sink.publish(subject, envelope) => r,
