@@ -194,9 +194,14 @@ impl WorkerProcess {
         Some(kb * 1024)
     }
 
+    /// Its `/metrics` exposition.
+    pub async fn metrics_text(&self) -> Option<String> {
+        http_get(self.settings.metrics_port, "/metrics").await
+    }
+
     /// The value of metric `name` with all of `labels` (`key="value"` pairs), summed.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let text = http_get(self.settings.metrics_port, "/metrics").await?;
+        let text = self.metrics_text().await?;
         let mut total = None;
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (series, value) = line.rsplit_once(' ')?;

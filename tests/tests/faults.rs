@@ -235,8 +235,14 @@ async fn no_secret_reaches_a_log_line() -> anyhow::Result<()> {
 
     // The chain is down at first: the failures are logged, with the URL in their errors. The
     // worker logs JSON, the coordinator text: both formats are covered.
+    // A fallback endpoint and a WebSocket endpoint that never come up carry secrets too: their
+    // failures are logged all along.
+    const WS_KEY: &str = "ws-apikey-4d8e06";
+    let (dead_rpc, dead_ws) = (free_port(), free_port());
     let settings = WorkerSettings {
         json_logs: true,
+        fallback_rpc: vec![format!("https://user:{PASSWORD}@127.0.0.1:{dead_rpc}/v2/{API_KEY}")],
+        ws: Some(format!("ws://127.0.0.1:{dead_ws}/ws/{WS_KEY}")),
         ..WorkerSettings::new("worker-a", etcd.endpoint(), nats.url(), rpc.clone())
     };
     let worker = WorkerProcess::start(settings)?;
@@ -282,10 +288,14 @@ async fn no_secret_reaches_a_log_line() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("no `worker registered` line:\n{log}"))?;
     assert_eq!(registered["span"]["worker_id"], "worker-a", "{registered}");
 
-    for (name, log) in [("worker", worker.log()), ("coordinator", coordinator.log())] {
-        assert!(log.contains("127.0.0.1"), "{name} logged nothing useful");
-        // Not even a fragment: the distinctive tails of both secrets.
-        for secret in [PASSWORD, API_KEY, ADMIN_TOKEN, "7f3a9c", "9b2e71"] {
+    assert!(log.contains("new heads"), "the WebSocket endpoint's failure is not logged:\n{log}");
+    // Nor do the metrics carry URLs: endpoints are labelled by index.
+    let metrics = worker.metrics_text().await.unwrap_or_default();
+    assert!(metrics.contains("herald_rpc_requests_total"), "no metrics:\n{metrics}");
+    for (name, log) in [("worker", log), ("coordinator", coordinator.log()), ("worker metrics", metrics)] {
+        assert!(log.contains("127.0.0.1") || name == "worker metrics", "{name} logged nothing useful");
+        // Not even a fragment: the distinctive tails of every secret.
+        for secret in [PASSWORD, API_KEY, WS_KEY, ADMIN_TOKEN, "7f3a9c", "9b2e71", "4d8e06"] {
             assert!(!log.contains(secret), "{name} logged (part of) a secret {secret:?}:\n{log}");
         }
     }
