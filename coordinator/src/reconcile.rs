@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use etcd_client::{EventType, WatchOptions};
-use herald_proto::{SubscriptionId, WorkerId};
+use herald_proto::{SubscriptionId, SubscriptionState, WorkerId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -80,8 +80,7 @@ pub async fn reconcile_once(
         })
         .collect();
     let desired = planner::plan(&subscriptions, &planned_workers, &current);
-    metrics.plan_duration.observe(started.elapsed().as_secs_f64());
-    metrics.plan_runs.inc();
+    let planning = started.elapsed();
 
     let mut round = Round::default();
     for (id, worker) in &assignments {
@@ -101,8 +100,12 @@ pub async fn reconcile_once(
             pending.insert(id.clone(), worker.clone());
         }
     }
+    metrics.observe_round(planning, round.revoked, workers.len());
+    metrics.observe_subscriptions(records.values().map(|r| {
+        let spec = &r.record.spec;
+        (spec.chain_id, spec.id.to_string(), r.record.state == SubscriptionState::Paused)
+    }));
     if round != Round::default() {
-        metrics.moves.inc_by(round.revoked as u64);
         tracing::info!(assigned = round.assigned, revoked = round.revoked, "applied a new assignment");
     }
     Ok(round)

@@ -45,6 +45,8 @@ pub struct WorkerSettings {
     pub metrics_port: u16,
     /// Membership lease TTL in seconds.
     pub lease_ttl_secs: u64,
+    /// Logs as JSON lines (`log_format = "json"`) instead of text.
+    pub json_logs: bool,
 }
 
 impl WorkerSettings {
@@ -62,6 +64,7 @@ impl WorkerSettings {
             max_block_range: 50,
             metrics_port: free_port(),
             lease_ttl_secs: 10,
+            json_logs: false,
         }
     }
 
@@ -70,6 +73,7 @@ impl WorkerSettings {
         format!(
             r#"worker_id = "{id}"
 metrics_listen = "127.0.0.1:{metrics}"
+log_format = "{log_format}"
 
 [etcd]
 endpoints = ["{etcd}"]
@@ -97,6 +101,7 @@ request_timeout = "{timeout}ms"
 {rps}
 "#,
             ttl = self.lease_ttl_secs,
+            log_format = if self.json_logs { "json" } else { "text" },
             id = self.worker_id,
             metrics = self.metrics_port,
             etcd = self.etcd,
@@ -189,9 +194,14 @@ impl WorkerProcess {
         Some(kb * 1024)
     }
 
+    /// Its `/metrics` exposition.
+    pub async fn metrics_text(&self) -> Option<String> {
+        http_get(self.settings.metrics_port, "/metrics").await
+    }
+
     /// The value of metric `name` with all of `labels` (`key="value"` pairs), summed.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let text = http_get(self.settings.metrics_port, "/metrics").await?;
+        let text = self.metrics_text().await?;
         let mut total = None;
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (series, value) = line.rsplit_once(' ')?;

@@ -233,10 +233,20 @@ async fn no_secret_reaches_a_log_line() -> anyhow::Result<()> {
     let anvil_port = free_port();
     let rpc = format!("http://herald:{PASSWORD}@127.0.0.1:{anvil_port}/?apikey={API_KEY}");
 
-    // The chain is down at first: the failures are logged, with the URL in their errors.
-    let worker =
-        WorkerProcess::start(WorkerSettings::new("worker-a", etcd.endpoint(), nats.url(), rpc.clone()))?;
-    wait_for_log(&worker, "what=\"reach chain 31337").await?;
+    // The chain is down at first: the failures are logged, with the URL in their errors. The
+    // worker logs JSON, the coordinator text: both formats are covered.
+    // A fallback endpoint and a WebSocket endpoint that never come up carry secrets too: their
+    // failures are logged all along.
+    const WS_KEY: &str = "ws-apikey-4d8e06";
+    let (dead_rpc, dead_ws) = (free_port(), free_port());
+    let settings = WorkerSettings {
+        json_logs: true,
+        fallback_rpc: vec![format!("https://user:{PASSWORD}@127.0.0.1:{dead_rpc}/v2/{API_KEY}")],
+        ws: Some(format!("ws://127.0.0.1:{dead_ws}/ws/{WS_KEY}")),
+        ..WorkerSettings::new("worker-a", etcd.endpoint(), nats.url(), rpc.clone())
+    };
+    let worker = WorkerProcess::start(settings)?;
+    wait_for_log(&worker, "\"what\":\"reach chain 31337").await?;
     let anvil = Anvil::start_on(anvil_port).await?;
     wait_for_log(&worker, "worker running").await?;
     let chain = TestChain::deploy(&anvil.url()).await?;
@@ -246,14 +256,46 @@ async fn no_secret_reaches_a_log_line() -> anyhow::Result<()> {
         "event": TRANSFER_EVENT, "start_block": 0,
     });
     assert_eq!(coordinator.post("/v1/subscriptions", &body).await?.0, 201);
+    // A rejected token that contains the real one is not logged either.
+    let wrong = coordinator
+        .http()
+        .post(coordinator.url("/v1/subscriptions/transfers/pause"))
+        .bearer_auth(format!("{ADMIN_TOKEN}-wrong"))
+        .send()
+        .await?;
+    assert_eq!(wrong.status().as_u16(), 401);
     chain.emit_many(3).await?;
     let reader = StreamReader::connect(&nats.url()).await?;
     reader.wait_for_count("herald.events.31337.transfers", 3, TIMEOUT).await?;
 
-    for (name, log) in [("worker", worker.log()), ("coordinator", coordinator.log())] {
-        assert!(log.contains("127.0.0.1"), "{name} logged nothing useful");
-        // Not even a fragment: the distinctive tails of both secrets.
-        for secret in [PASSWORD, API_KEY, ADMIN_TOKEN, "7f3a9c", "9b2e71"] {
+    // Every worker line is JSON, and a subscription's lines carry its span's identifiers.
+    let log = worker.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).map_err(|e| anyhow::anyhow!("not a JSON log line ({e}): {l}")))
+        .collect::<anyhow::Result<_>>()?;
+    let started = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "subscription started")
+        .ok_or_else(|| anyhow::anyhow!("no `subscription started` line:\n{log}"))?;
+    let span = &started["span"];
+    assert_eq!(span["subscription_id"], "transfers", "{started}");
+    assert_eq!(span["worker_id"], "worker-a", "{started}");
+    assert_eq!(span["chain_id"], 31337, "{started}");
+    let registered = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "worker registered")
+        .ok_or_else(|| anyhow::anyhow!("no `worker registered` line:\n{log}"))?;
+    assert_eq!(registered["span"]["worker_id"], "worker-a", "{registered}");
+
+    assert!(log.contains("new heads"), "the WebSocket endpoint's failure is not logged:\n{log}");
+    // Nor do the metrics carry URLs: endpoints are labelled by index.
+    let metrics = worker.metrics_text().await.unwrap_or_default();
+    assert!(metrics.contains("herald_rpc_requests_total"), "no metrics:\n{metrics}");
+    for (name, log) in [("worker", log), ("coordinator", coordinator.log()), ("worker metrics", metrics)] {
+        assert!(log.contains("127.0.0.1") || name == "worker metrics", "{name} logged nothing useful");
+        // Not even a fragment: the distinctive tails of every secret.
+        for secret in [PASSWORD, API_KEY, WS_KEY, ADMIN_TOKEN, "7f3a9c", "9b2e71", "4d8e06"] {
             assert!(!log.contains(secret), "{name} logged (part of) a secret {secret:?}:\n{log}");
         }
     }

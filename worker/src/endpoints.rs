@@ -146,6 +146,14 @@ impl<R: ChainRpc> EndpointPool<R> {
     where
         F: for<'a> Fn(&'a R) -> BoxFuture<'a, Result<T, RpcError>>,
     {
+        self.call_indexed(method, call).await.map(|(value, _)| value)
+    }
+
+    /// [`Self::call`], also returning the index of the endpoint that answered.
+    async fn call_indexed<T, F>(&self, method: &'static str, call: F) -> Result<(T, usize), RpcError>
+    where
+        F: for<'a> Fn(&'a R) -> BoxFuture<'a, Result<T, RpcError>>,
+    {
         let chain = self.chain_id.to_string();
         let mut last_error: Option<RpcError> = None;
         let mut tried_any = false;
@@ -171,7 +179,7 @@ impl<R: ChainRpc> EndpointPool<R> {
             match result {
                 Ok(value) => {
                     self.succeeded(endpoint);
-                    return Ok(value);
+                    return Ok((value, index));
                 }
                 Err(e) => {
                     self.failed(endpoint, &e);
@@ -260,7 +268,12 @@ impl<R: ChainRpc> ChainRpc for EndpointPool<R> {
     }
 
     async fn tip(&self, tip: Tip) -> Result<Option<BlockRef>, RpcError> {
-        self.call("eth_getBlockByNumber", |rpc| Box::pin(rpc.tip(tip))).await
+        let (block, endpoint) =
+            self.call_indexed("eth_getBlockByNumber", |rpc| Box::pin(rpc.tip(tip))).await?;
+        if let (Tip::Latest, Some(head)) = (tip, &block) {
+            self.metrics.observe_endpoint_head(self.chain_id, endpoint, head.number);
+        }
+        Ok(block)
     }
 
     async fn block(&self, number: u64) -> Result<BlockRef, RpcError> {

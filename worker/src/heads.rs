@@ -470,8 +470,7 @@ impl<R: ChainRpc> HeadTracker<R> {
     }
 
     fn observe<T>(&self, result: Result<T, RpcError>, method: &str) -> Result<T, RpcError> {
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        self.metrics.rpc_requests.with_label_values(&[&self.chain_id.to_string(), method, outcome]).inc();
+        self.metrics.count_rpc(&self.chain_id.to_string(), method, &result);
         result
     }
 }

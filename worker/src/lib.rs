@@ -42,6 +42,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::chain::HttpRpc;
 use crate::config::Config;
@@ -56,7 +57,10 @@ use crate::supervisor::{ChainHandle, Supervisor};
 /// retried with backoff (and logged), never fatal; a chain answering with another chain id
 /// than configured is fatal.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let metrics = Metrics::new();
+    let metrics = Metrics::for_worker(config.worker_id.as_str());
+    for chain in &config.chains {
+        metrics.init_chain(chain.chain_id, chain.rpc_urls.len());
+    }
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -140,11 +144,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ),
         ttl: config.membership.lease_ttl,
         clock: lease.clone(),
+        metrics: metrics.clone(),
     };
     let membership_stop = CancellationToken::new();
-    let membership_task = tokio::spawn(membership.run(membership_stop.clone()));
+    let membership_task = tokio::spawn(membership.run(membership_stop.clone()).in_current_span());
 
-    tokio::spawn(watch_drain_request(store.clone(), config.worker_id.clone(), shutdown.clone()));
+    tokio::spawn(
+        watch_drain_request(store.clone(), config.worker_id.clone(), shutdown.clone()).in_current_span(),
+    );
 
     let supervisor = Supervisor {
         worker_id: config.worker_id.clone(),

@@ -48,7 +48,8 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match herald_worker::run(config, shutdown).await {
+        let span = tracing::info_span!("worker", worker_id = %config.worker_id);
+        match tracing::Instrument::instrument(herald_worker::run(config, shutdown), span).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = format!("{e:#}"), "worker failed");

@@ -20,6 +20,7 @@ use etcd_client::PutOptions;
 use herald_proto::{ChainId, WorkerId, WorkerInfo};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::retry::{Backoff, pause};
 use crate::store::{EtcdStore, StoreError};
 
@@ -94,6 +95,8 @@ pub struct Membership {
     pub ttl: Duration,
     /// Shared with every task: the local lease deadline.
     pub clock: LeaseClock,
+    /// Keepalive latency and failures, registrations.
+    pub metrics: Metrics,
 }
 
 impl Membership {
@@ -118,6 +121,7 @@ impl Membership {
         client.put(key, value, Some(PutOptions::new().with_lease(lease))).await?;
         self.clock.lease.store(lease, Ordering::SeqCst);
         self.clock.renewed(sent, self.ttl);
+        self.metrics.registrations.inc();
         Ok(lease)
     }
 
@@ -149,6 +153,7 @@ impl Membership {
                 }
                 Err(e) => {
                     self.clock.invalidate();
+                    self.metrics.lease_keepalive_failures.inc();
                     tracing::warn!(error = %e, "worker lease lost; fenced until registered again");
                 }
             }
@@ -171,7 +176,9 @@ impl Membership {
             }
             let sent = Instant::now();
             keeper.keep_alive().await?;
-            match responses.message().await? {
+            let response = responses.message().await?;
+            self.metrics.lease_keepalive_duration.observe(sent.elapsed().as_secs_f64());
+            match response {
                 Some(r) if r.ttl() > 0 => self.clock.renewed(sent, self.ttl),
                 _ => return Err(StoreError::LeaseExpired(lease)),
             }

@@ -1,6 +1,47 @@
 //! Every metric the worker exports, declared in one place. Prefix `herald_`.
+//!
+//! Labels are bounded: `chain_id` and `subscription_id` (bounded by the configured chains and
+//! registered subscriptions), a JSON-RPC `method` from a fixed set, an `outcome` class, an
+//! RPC `endpoint` *index* (never a URL: URLs carry API keys) and a subscription `state` from
+//! [`SUBSCRIPTION_STATES`]. Never block numbers or hashes. Every series whose label values are
+//! known in advance (per configured chain and endpoint, per started subscription) is created
+//! at 0, so `rate()` has something to work with before the first event.
+//!
+//! Call sites stay one-liners: the helpers below ([`Metrics::observe_head`],
+//! [`Metrics::observe_cursor`], [`Metrics::observe_rpc`], [`Metrics::publish_timer`],
+//! [`Metrics::subscription_series`], ...) do the bookkeeping.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::chain::RpcError;
+
+/// Values of the `state` label of `herald_subscription_state`.
+pub const SUBSCRIPTION_STATES: [&str; 3] = ["starting", "backfilling", "live"];
+
+/// The JSON-RPC methods the worker calls (the `method` label).
+pub const RPC_METHODS: [&str; 2] = ["eth_getBlockByNumber", "eth_getLogs"];
+
+/// Values of the `outcome` label of `herald_rpc_requests_total`.
+pub const RPC_OUTCOMES: [&str; 8] = [
+    "ok",
+    "timeout",
+    "transport",
+    "rate_limited",
+    "range_too_large",
+    "rejected",
+    "bad_answer",
+    "unavailable",
+];
+
+/// Buckets for network round trips (RPC, JetStream acks, etcd keepalives), in seconds.
+const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
 /// The worker's metrics and the registry that serves them.
 #[derive(Clone)]
@@ -22,10 +63,30 @@ pub struct Metrics {
     pub cursor_block: IntGaugeVec,
     /// Blocks between the chain head and the cursor, per subscription.
     pub lag_blocks: IntGaugeVec,
+    /// Seconds since the subscription was last caught up with its confirmed head.
+    pub lag_seconds: prometheus::GaugeVec,
+    /// 1 for the subscription's current state, 0 for the others.
+    pub subscription_state: IntGaugeVec,
     /// Latest head seen, per chain.
     pub head_block: IntGaugeVec,
     /// RPC calls by method and outcome.
     pub rpc_requests: IntCounterVec,
+    /// RPC call latency by method.
+    pub rpc_duration: HistogramVec,
+    /// `eth_getLogs` ranges split in smaller ones after an endpoint refused them.
+    pub rpc_range_splits: IntCounterVec,
+    /// Switches from one RPC endpoint of a chain to another.
+    pub rpc_failovers: IntCounterVec,
+    /// Waits imposed by an endpoint's rate limit.
+    pub rpc_rate_limit_waits: IntCounterVec,
+    /// Latest head reported by each endpoint of a chain.
+    pub rpc_endpoint_head: IntGaugeVec,
+    /// Time from publish to JetStream's acknowledgement.
+    pub publish_duration: HistogramVec,
+    /// Publishes JetStream acknowledged (stored or duplicate).
+    pub publish_acks: IntCounterVec,
+    /// Publishes waiting for their acknowledgement.
+    pub publishes_in_flight: IntGauge,
     /// Cursor writes refused because the assignment changed (this worker was fenced).
     pub fenced: IntCounter,
     /// Subscriptions this worker currently runs.
@@ -38,151 +99,354 @@ pub struct Metrics {
     pub heads_websocket: IntGaugeVec,
     /// `eth_getLogs` answers asked again because a block's bloom says they miss logs.
     pub incomplete_log_answers: IntCounterVec,
-    /// `eth_getLogs` ranges refused by a provider and asked again smaller.
-    pub rpc_range_splits: IntCounterVec,
-    /// Calls that moved on to the next endpoint of a chain.
-    pub rpc_failovers: IntCounterVec,
-    /// Calls that waited for an endpoint's request-rate quota.
-    pub rpc_rate_limit_waits: IntCounterVec,
     /// Whether an endpoint is up (1) or down (0), by configuration index.
     pub rpc_endpoint_up: IntGaugeVec,
+    /// Lease keepalive round trips.
+    pub lease_keepalive_duration: Histogram,
+    /// Lease keepalives that failed (the lease is then lost and registered again).
+    pub lease_keepalive_failures: IntCounter,
+    /// Worker registrations (a new lease), the first one included.
+    pub registrations: IntCounter,
+    /// When each running subscription was last caught up (for `lag_seconds`).
+    caught_up_at: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 impl Metrics {
-    /// Creates and registers every metric.
+    /// Creates and registers every metric, without constant labels (tests).
     pub fn new() -> Self {
-        let registry = Registry::new();
-        fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-            let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+        Self::with_registry(Registry::new())
+    }
+
+    /// Creates and registers every metric, each series labelled `worker_id`.
+    pub fn for_worker(worker_id: &str) -> Self {
+        let labels = HashMap::from([("worker_id".to_owned(), worker_id.to_owned())]);
+        Self::with_registry(Registry::new_custom(None, Some(labels)).expect("valid constant labels"))
+    }
+
+    fn with_registry(registry: Registry) -> Self {
+        fn register<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: M) -> M {
             r.register(Box::new(m.clone())).expect("unique metric");
             m
         }
-        fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-            let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            r.register(Box::new(m.clone())).expect("unique metric");
-            m
-        }
+        let r = &registry;
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(r, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(r, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        };
+        let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
+            let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+            register(r, HistogramVec::new(opts, labels).expect("valid metric"))
+        };
+        let counter =
+            |name: &str, help: &str| register(r, IntCounter::new(name, help).expect("valid metric"));
         let sub = &["chain_id", "subscription_id"];
-        let fenced = IntCounter::new(
-            "herald_worker_fenced_total",
-            "Cursor writes refused because the subscription's assignment changed.",
-        )
-        .expect("valid metric");
-        registry.register(Box::new(fenced.clone())).expect("unique metric");
-        let assigned_subscriptions = IntGauge::new(
-            "herald_worker_assigned_subscriptions",
-            "Subscriptions this worker currently runs.",
-        )
-        .expect("valid metric");
-        registry.register(Box::new(assigned_subscriptions.clone())).expect("unique metric");
-        let self_fenced = IntCounter::new(
-            "herald_worker_self_fenced_total",
-            "Publishes or cursor writes refused because the local lease deadline had passed.",
-        )
-        .expect("valid metric");
-        registry.register(Box::new(self_fenced.clone())).expect("unique metric");
         Self {
             events_published: counter_vec(
-                &registry,
                 "herald_events_published_total",
                 "Messages stored by JetStream (duplicates excluded).",
                 sub,
             ),
             publish_duplicates: counter_vec(
-                &registry,
                 "herald_publish_duplicates_total",
                 "Publishes JetStream dropped as duplicates of stored messages.",
                 sub,
             ),
             decode_failures: counter_vec(
-                &registry,
                 "herald_decode_failures_total",
                 "Logs that did not decode with the subscription's ABI (published raw, flagged).",
                 sub,
             ),
             retractions: counter_vec(
-                &registry,
                 "herald_retractions_total",
                 "Retractions published for logs from orphaned blocks.",
                 sub,
             ),
             deep_reorgs: counter_vec(
-                &registry,
                 "herald_deep_reorgs_total",
                 "Reorgs at least as deep as the subscription's confirmations: published logs had to be retracted.",
                 sub,
             ),
-            publish_errors: counter_vec(
-                &registry,
-                "herald_publish_errors_total",
-                "Failed publish attempts, retried.",
-                sub,
-            ),
+            publish_errors: counter_vec("herald_publish_errors_total", "Failed publish attempts, retried.", sub),
             cursor_block: gauge_vec(
-                &registry,
                 "herald_subscription_cursor_block",
                 "Last block whose logs are all acknowledged.",
                 sub,
             ),
             lag_blocks: gauge_vec(
-                &registry,
                 "herald_subscription_lag_blocks",
                 "Blocks between the chain head and the subscription's cursor.",
                 sub,
             ),
-            head_block: gauge_vec(&registry, "herald_chain_head_block", "Latest head seen.", &["chain_id"]),
+            lag_seconds: register(
+                r,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "herald_subscription_lag_seconds",
+                        "Seconds since the subscription was last caught up with its confirmed head (0 while live).",
+                    ),
+                    sub,
+                )
+                .expect("valid metric"),
+            ),
+            subscription_state: gauge_vec(
+                "herald_subscription_state",
+                "1 for the state the subscription's task is in (starting, backfilling, live), 0 for the others.",
+                &["chain_id", "subscription_id", "state"],
+            ),
+            head_block: gauge_vec("herald_chain_head_block", "Latest head seen.", &["chain_id"]),
             rpc_requests: counter_vec(
-                &registry,
                 "herald_rpc_requests_total",
-                "JSON-RPC calls by method and outcome.",
+                "JSON-RPC calls by method and outcome (ok, or the error class: timeout, transport, rate_limited, ...).",
                 &["chain_id", "method", "outcome"],
             ),
             chain_reorgs: counter_vec(
-                &registry,
                 "herald_chain_reorgs_total",
                 "Reorgs seen by the head tracker (blocks of its window replaced).",
                 &["chain_id"],
             ),
             heads_websocket: gauge_vec(
-                &registry,
                 "herald_chain_heads_websocket",
                 "1 while new heads arrive over a WebSocket subscription, 0 while polled.",
                 &["chain_id"],
             ),
             incomplete_log_answers: counter_vec(
-                &registry,
                 "herald_rpc_incomplete_log_answers_total",
                 "eth_getLogs answers asked again because a block's logsBloom says logs are missing.",
                 &["chain_id"],
             ),
+            rpc_endpoint_up: gauge_vec(
+                "herald_rpc_endpoint_up",
+                "1 while an endpoint answers, 0 while it is down (endpoint = index in rpc_urls).",
+                &["chain_id", "endpoint"],
+            ),
+            rpc_duration: histogram_vec(
+                "herald_rpc_request_duration_seconds",
+                "JSON-RPC call latency, failures included.",
+                &["chain_id", "method"],
+            ),
             rpc_range_splits: counter_vec(
-                &registry,
                 "herald_rpc_range_splits_total",
                 "eth_getLogs ranges refused by a provider (too many blocks, results or too slow) and asked again smaller.",
                 &["chain_id"],
             ),
             rpc_failovers: counter_vec(
-                &registry,
                 "herald_rpc_failovers_total",
                 "Calls that moved on to the next endpoint of the chain.",
                 &["chain_id"],
             ),
             rpc_rate_limit_waits: counter_vec(
-                &registry,
                 "herald_rpc_rate_limit_waits_total",
-                "Calls that waited for an endpoint's requests_per_second quota.",
+                "Calls that waited for an endpoint's requests_per_second quota (endpoint = index in rpc_urls).",
                 &["chain_id", "endpoint"],
             ),
-            rpc_endpoint_up: gauge_vec(
-                &registry,
-                "herald_rpc_endpoint_up",
-                "1 while an endpoint answers, 0 while it is down (endpoint = index in rpc_urls).",
+            rpc_endpoint_head: gauge_vec(
+                "herald_rpc_endpoint_head_block",
+                "Latest head reported by each RPC endpoint (endpoint = index in the chain's rpc_urls).",
                 &["chain_id", "endpoint"],
             ),
-            fenced,
-            assigned_subscriptions,
-            self_fenced,
+            publish_duration: histogram_vec(
+                "herald_jetstream_publish_duration_seconds",
+                "Time from publishing a message or an atomic batch to JetStream's acknowledgement (or failure).",
+                &["chain_id"],
+            ),
+            publish_acks: counter_vec(
+                "herald_jetstream_acks_total",
+                "Messages JetStream acknowledged (alone or in an atomic batch), stored or duplicate.",
+                &["chain_id"],
+            ),
+            publishes_in_flight: register(
+                r,
+                IntGauge::new(
+                    "herald_jetstream_publishes_in_flight",
+                    "Messages sent to JetStream (alone or in an atomic batch) and not yet acknowledged.",
+                )
+                .expect("valid metric"),
+            ),
+            fenced: counter(
+                "herald_worker_fenced_total",
+                "Cursor writes refused because the subscription's assignment changed.",
+            ),
+            assigned_subscriptions: register(
+                r,
+                IntGauge::new("herald_worker_assigned_subscriptions", "Subscriptions this worker currently runs.")
+                    .expect("valid metric"),
+            ),
+            self_fenced: counter(
+                "herald_worker_self_fenced_total",
+                "Publishes or cursor writes refused because the local lease deadline had passed.",
+            ),
+            lease_keepalive_duration: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "herald_worker_lease_keepalive_duration_seconds",
+                        "Round trip of one etcd lease keepalive.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )
+                .expect("valid metric"),
+            ),
+            lease_keepalive_failures: counter(
+                "herald_worker_lease_keepalive_failures_total",
+                "Lease keepalives that failed or found the lease gone; the worker registers again.",
+            ),
+            registrations: counter(
+                "herald_worker_registrations_total",
+                "Worker registrations with a new etcd lease, the first one included.",
+            ),
+            caught_up_at: Arc::default(),
             registry,
+        }
+    }
+
+    /// Creates the per-chain and per-endpoint series at 0 for a configured chain.
+    pub fn init_chain(&self, chain_id: u64, endpoints: usize) {
+        let chain = chain_id.to_string();
+        self.head_block.with_label_values(&[&chain]);
+        self.rpc_range_splits.with_label_values(&[&chain]);
+        self.chain_reorgs.with_label_values(&[&chain]);
+        self.incomplete_log_answers.with_label_values(&[&chain]);
+        self.rpc_failovers.with_label_values(&[&chain]);
+        self.publish_duration.with_label_values(&[&chain]);
+        self.publish_acks.with_label_values(&[&chain]);
+        for method in RPC_METHODS {
+            self.rpc_duration.with_label_values(&[&chain, method]);
+            for outcome in RPC_OUTCOMES {
+                self.rpc_requests.with_label_values(&[&chain, method, outcome]);
+            }
+        }
+        for endpoint in 0..endpoints {
+            let endpoint = endpoint.to_string();
+            self.rpc_rate_limit_waits.with_label_values(&[&chain, &endpoint]);
+            self.rpc_endpoint_head.with_label_values(&[&chain, &endpoint]);
+        }
+    }
+
+    /// Creates a subscription's series (counters at 0, state `starting`); the returned guard
+    /// removes its gauges when the task ends, so a subscription that moved to another worker
+    /// does not leave stale lag or state behind. Labels: `[chain_id, subscription_id]`.
+    pub fn subscription_series(&self, labels: &[String; 2]) -> SubscriptionSeries {
+        for counter in [
+            &self.events_published,
+            &self.publish_duplicates,
+            &self.decode_failures,
+            &self.publish_errors,
+            &self.retractions,
+            &self.deep_reorgs,
+        ] {
+            counter.with_label_values(labels);
+        }
+        self.lag_seconds.with_label_values(labels).set(0.0);
+        self.lock_caught_up().insert(labels[1].clone(), Instant::now());
+        self.set_state(labels, "starting");
+        SubscriptionSeries { metrics: self.clone(), labels: labels.clone() }
+    }
+
+    fn set_state(&self, labels: &[String; 2], state: &str) {
+        for s in SUBSCRIPTION_STATES {
+            let value = i64::from(s == state);
+            self.subscription_state.with_label_values(&[&labels[0], &labels[1], s]).set(value);
+        }
+    }
+
+    fn lock_caught_up(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.caught_up_at.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records a head seen by a subscription whose next block to process is `next`, with
+    /// `confirmations`: lag and state. Labels: `[chain, subscription]`.
+    pub fn observe_head(&self, labels: &[String; 2], head: u64, next: u64, confirmations: u64) {
+        self.lag_blocks.with_label_values(labels).set(head.saturating_sub(next.saturating_sub(1)) as i64);
+        let caught_up = head.saturating_sub(confirmations) < next;
+        self.progress(labels, caught_up);
+    }
+
+    /// Records a committed cursor at block `to`, with the chain at `head` and the confirmed
+    /// target `target`. Labels: `[chain, subscription]`.
+    pub fn observe_cursor(&self, labels: &[String; 2], head: u64, to: u64, target: u64) {
+        self.cursor_block.with_label_values(labels).set(to as i64);
+        self.lag_blocks.with_label_values(labels).set(head.saturating_sub(to) as i64);
+        self.progress(labels, to >= target);
+    }
+
+    fn progress(&self, labels: &[String; 2], caught_up: bool) {
+        let now = Instant::now();
+        let behind_for = {
+            let mut caught_up_at = self.lock_caught_up();
+            let since = caught_up_at.entry(labels[1].clone()).or_insert(now);
+            if caught_up {
+                *since = now;
+            }
+            now.duration_since(*since)
+        };
+        self.lag_seconds.with_label_values(labels).set(behind_for.as_secs_f64());
+        self.set_state(labels, if caught_up { "live" } else { "backfilling" });
+    }
+
+    /// Counts one RPC call of `method` on `chain` that took `elapsed`, by outcome.
+    pub fn observe_rpc<T>(&self, chain: &str, method: &str, elapsed: Duration, result: &Result<T, RpcError>) {
+        self.count_rpc(chain, method, result);
+        self.rpc_duration.with_label_values(&[chain, method]).observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one RPC call of `method` on `chain` by outcome (`ok` or the error's class).
+    pub fn count_rpc<T>(&self, chain: &str, method: &str, result: &Result<T, RpcError>) {
+        let outcome = result.as_ref().err().map_or("ok", RpcError::outcome);
+        self.rpc_requests.with_label_values(&[chain, method, outcome]).inc();
+    }
+
+    /// Counts a switch from one endpoint of `chain` to another (for the endpoint pool).
+    pub fn rpc_failover(&self, chain: u64) {
+        self.rpc_failovers.with_label_values(&[&chain.to_string()]).inc();
+    }
+
+    /// Counts a wait imposed by the rate limit of endpoint `endpoint` (its index in the chain's
+    /// `rpc_urls`) of `chain`.
+    pub fn rpc_rate_limited(&self, chain: u64, endpoint: usize) {
+        self.rpc_rate_limit_waits.with_label_values(&[&chain.to_string(), &endpoint.to_string()]).inc();
+    }
+
+    /// Counts an `eth_getLogs` range of `chain` split after an endpoint refused it.
+    pub fn rpc_range_split(&self, chain: u64) {
+        self.rpc_range_splits.with_label_values(&[&chain.to_string()]).inc();
+    }
+
+    /// Records the head endpoint `endpoint` (its index in the chain's `rpc_urls`) of `chain`
+    /// reported.
+    pub fn observe_endpoint_head(&self, chain: u64, endpoint: usize, head: u64) {
+        self.rpc_endpoint_head
+            .with_label_values(&[&chain.to_string(), &endpoint.to_string()])
+            .set(head as i64);
+    }
+
+    /// Starts timing one publish (a message or an atomic batch of `messages`) on `chain`:
+    /// counts its messages in flight until the guard is dropped, then records its latency.
+    pub fn publish_timer(&self, chain: &str, messages: usize) -> PublishTimer {
+        let messages = i64::try_from(messages).unwrap_or(i64::MAX);
+        self.publishes_in_flight.add(messages);
+        PublishTimer {
+            in_flight: self.publishes_in_flight.clone(),
+            messages,
+            duration: self.publish_duration.with_label_values(&[chain]),
+            started: Instant::now(),
+        }
+    }
+
+    /// Counts an atomic batch of `messages` JetStream stored.
+    pub fn observe_batch_ack(&self, labels: &[String; 2], messages: usize) {
+        self.publish_acks.with_label_values(&[&labels[0]]).inc_by(messages as u64);
+        self.events_published.with_label_values(labels).inc_by(messages as u64);
+    }
+
+    /// Counts a publish JetStream acknowledged; `duplicate` when it already had the message.
+    pub fn observe_ack(&self, labels: &[String; 2], duplicate: bool) {
+        self.publish_acks.with_label_values(&[&labels[0]]).inc();
+        if duplicate {
+            self.publish_duplicates.with_label_values(labels).inc();
+        } else {
+            self.events_published.with_label_values(labels).inc();
         }
     }
 
@@ -195,5 +459,108 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Removes a subscription's gauges when dropped (see [`Metrics::subscription_series`]).
+pub struct SubscriptionSeries {
+    metrics: Metrics,
+    labels: [String; 2],
+}
+
+impl Drop for SubscriptionSeries {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        let labels = [self.labels[0].as_str(), self.labels[1].as_str()];
+        let _ = m.cursor_block.remove_label_values(&labels);
+        let _ = m.lag_blocks.remove_label_values(&labels);
+        let _ = m.lag_seconds.remove_label_values(&labels);
+        for s in SUBSCRIPTION_STATES {
+            let _ = m.subscription_state.remove_label_values(&[labels[0], labels[1], s]);
+        }
+        m.lock_caught_up().remove(&self.labels[1]);
+    }
+}
+
+/// Times one publish (see [`Metrics::publish_timer`]).
+pub struct PublishTimer {
+    in_flight: IntGauge,
+    messages: i64,
+    duration: Histogram,
+    started: Instant,
+}
+
+impl Drop for PublishTimer {
+    fn drop(&mut self) {
+        self.in_flight.sub(self.messages);
+        self.duration.observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels() -> [String; 2] {
+        ["31337".to_owned(), "sub-a".to_owned()]
+    }
+
+    #[test]
+    fn known_series_exist_before_anything_happens() {
+        let m = Metrics::for_worker("w1");
+        m.init_chain(31337, 2);
+        let _series = m.subscription_series(&labels());
+        let text = m.render();
+        for needle in [
+            r#"herald_retractions_total{chain_id="31337",subscription_id="sub-a",worker_id="w1"} 0"#,
+            r#"herald_decode_failures_total{chain_id="31337",subscription_id="sub-a",worker_id="w1"} 0"#,
+            r#"herald_rpc_rate_limit_waits_total{chain_id="31337",endpoint="1",worker_id="w1"} 0"#,
+            r#"herald_rpc_requests_total{chain_id="31337",method="eth_getLogs",outcome="timeout",worker_id="w1"} 0"#,
+            r#"herald_subscription_state{chain_id="31337",state="starting",subscription_id="sub-a",worker_id="w1"} 1"#,
+            "herald_jetstream_publish_duration_seconds_bucket",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+        for line in text.lines().filter(|l| l.starts_with("# HELP")) {
+            assert!(line.split_whitespace().count() > 3, "metric without help: {line}");
+        }
+    }
+
+    #[test]
+    fn state_and_lag_follow_progress_and_go_with_the_task() {
+        let m = Metrics::new();
+        let series = m.subscription_series(&labels());
+        m.observe_head(&labels(), 100, 10, 2);
+        let state = |s: &str| m.subscription_state.with_label_values(&["31337", "sub-a", s]).get();
+        assert_eq!((state("backfilling"), state("live"), state("starting")), (1, 0, 0));
+        assert_eq!(m.lag_blocks.with_label_values(&["31337", "sub-a"]).get(), 91);
+        m.observe_cursor(&labels(), 100, 98, 98);
+        assert_eq!((state("backfilling"), state("live")), (0, 1));
+        assert_eq!(m.lag_seconds.with_label_values(&["31337", "sub-a"]).get(), 0.0);
+        drop(series);
+        assert!(!m.render().contains("herald_subscription_state{"));
+        assert!(m.render().contains("herald_retractions_total{"), "counters stay");
+    }
+
+    #[test]
+    fn publish_timer_tracks_in_flight_and_rpc_outcomes_are_classified() {
+        let m = Metrics::new();
+        let timer = m.publish_timer("1", 3);
+        assert_eq!(m.publishes_in_flight.get(), 3);
+        drop(timer);
+        assert_eq!(m.publishes_in_flight.get(), 0);
+        assert_eq!(m.publish_duration.with_label_values(&["1"]).get_sample_count(), 1);
+        let err: Result<(), RpcError> =
+            Err(RpcError::Timeout { method: "eth_getLogs", after: Duration::from_secs(1) });
+        m.observe_rpc("1", "eth_getLogs", Duration::from_millis(3), &err);
+        assert_eq!(m.rpc_requests.with_label_values(&["1", "eth_getLogs", "timeout"]).get(), 1);
+        m.rpc_failover(1);
+        m.rpc_rate_limited(1, 2);
+        m.rpc_range_split(1);
+        m.observe_endpoint_head(1, 2, 77);
+        assert_eq!(m.rpc_failovers.with_label_values(&["1"]).get(), 1);
+        assert_eq!(m.rpc_rate_limit_waits.with_label_values(&["1", "2"]).get(), 1);
+        assert_eq!(m.rpc_range_splits.with_label_values(&["1"]).get(), 1);
+        assert_eq!(m.rpc_endpoint_head.with_label_values(&["1", "2"]).get(), 77);
     }
 }

@@ -143,6 +143,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
     /// Runs until cancelled (stop now), drained (stop after the current block range, with its
     /// cursor committed) or fenced.
     pub async fn run(self, cancel: CancellationToken, drain: CancellationToken) -> Exit {
+        let _series = self.metrics.subscription_series(&self.labels());
         let resume = tokio::select! {
             _ = drain.cancelled() => return Exit::Drained,
             r = self.resume_point(&cancel) => r,
@@ -270,10 +271,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         let Some(head) = view.head() else {
             return Ok(Step::Idle);
         };
-        self.metrics
-            .lag_blocks
-            .with_label_values(&labels)
-            .set(head.saturating_sub(p.next.saturating_sub(1)) as i64);
+        self.metrics.observe_head(&labels, head, p.next, self.spec.confirmations);
         // Is what was processed still canonical? Checked against the head tracker's window
         // when recent, by asking the endpoint otherwise. A lagging endpoint (head below the
         // cursor) is not a reorg: wait for it.
@@ -413,8 +411,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         }
         p.next = cursor.next_block();
         p.cursor = Some(cursor);
-        self.metrics.cursor_block.with_label_values(&labels).set(to as i64);
-        self.metrics.lag_blocks.with_label_values(&labels).set(head.saturating_sub(to) as i64);
+        self.metrics.observe_cursor(&labels, head, to, target);
         Ok(if to < target { Step::Continue } else { Step::Idle })
     }
 
@@ -430,16 +427,15 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
     ) -> Result<u64, Exit> {
         if envelopes.len() > 1 {
             self.check_lease()?;
+            let timer = self.metrics.publish_timer(&self.labels()[0], envelopes.len());
             let result = tokio::select! {
                 _ = cancel.cancelled() => return Err(Exit::Cancelled),
                 r = self.sink.publish_batch(subject, envelopes) => r,
             };
+            drop(timer);
             match result {
                 Ok(sequence) => {
-                    self.metrics
-                        .events_published
-                        .with_label_values(&self.labels())
-                        .inc_by(envelopes.len() as u64);
+                    self.metrics.observe_batch_ack(&self.labels(), envelopes.len());
                     return Ok(sequence);
                 }
                 Err(e) => tracing::debug!(
@@ -468,17 +464,15 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         let mut backoff = Backoff::network();
         loop {
             self.check_lease()?;
+            let timer = self.metrics.publish_timer(&labels[0], 1);
             let result = tokio::select! {
                 _ = cancel.cancelled() => return Err(Exit::Cancelled),
                 r = self.sink.publish(subject, envelope) => r,
             };
+            drop(timer);
             match result {
                 Ok(stored) => {
-                    if stored.duplicate {
-                        self.metrics.publish_duplicates.with_label_values(&labels).inc();
-                    } else {
-                        self.metrics.events_published.with_label_values(&labels).inc();
-                    }
+                    self.metrics.observe_ack(&labels, stored.duplicate);
                     if backoff.attempts() > 0 {
                         tracing::info!(attempts = backoff.attempts(), "publishing recovered");
                     }
@@ -769,18 +763,21 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         method: &str,
         cancel: &CancellationToken,
     ) -> Result<Option<T>, RpcError> {
+        let started = std::time::Instant::now();
         tokio::select! {
             _ = cancel.cancelled() => Ok(None),
-            result = call => self.observe(result, method).map(Some),
+            result = call => self.observe(result, method, started).map(Some),
         }
     }
 
-    fn observe<T>(&self, result: Result<T, RpcError>, method: &str) -> Result<T, RpcError> {
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        self.metrics
-            .rpc_requests
-            .with_label_values(&[&self.spec.chain_id.to_string(), method, outcome])
-            .inc();
+    fn observe<T>(
+        &self,
+        result: Result<T, RpcError>,
+        method: &str,
+        started: std::time::Instant,
+    ) -> Result<T, RpcError> {
+        let chain = self.spec.chain_id.to_string();
+        self.metrics.observe_rpc(&chain, method, started.elapsed(), &result);
         result
     }
 }

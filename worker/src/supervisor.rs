@@ -354,7 +354,7 @@ impl Supervisor {
         };
         // Independent of the shutdown token: shutdown drains, only revocation cancels.
         let (child, drain) = (CancellationToken::new(), CancellationToken::new());
-        let span = tracing::info_span!("subscription", subscription_id = %id, chain_id = chain.config.chain_id, generation = key.ownership.generation);
+        let span = tracing::info_span!("subscription", worker_id = %self.worker_id, subscription_id = %id, chain_id = chain.config.chain_id, generation = key.ownership.generation);
         let handle = tokio::spawn(task.run(child.clone(), drain.clone()).instrument(span));
         Some(Running { key, cancel: child, drain, handle })
     }
