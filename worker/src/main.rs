@@ -14,10 +14,26 @@ struct Args {
     /// TOML configuration file; `HERALD_*` variables override it.
     #[arg(long, short, env = "HERALD_CONFIG")]
     config: Option<PathBuf>,
+    /// Load and validate the configuration (file and `HERALD_*` variables), print `config ok`
+    /// and exit: 0 when valid, 2 otherwise. Files named by `*_file` keys are not read.
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.check_config {
+        return match Config::check(args.config.as_deref()) {
+            Ok(_) => {
+                println!("config ok");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("herald-worker: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
