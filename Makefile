@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 DEMO_SECONDS ?=
 export DEMO_SECONDS
 
-.PHONY: deps build demo test test-unit api-fuzz bench lint fmt contracts
+.PHONY: deps build demo test test-unit helm-check api-fuzz bench lint fmt contracts
 
 deps:
 	@bash scripts/install-deps.sh
@@ -18,13 +18,26 @@ build: deps
 demo: build
 	@cargo run -q -p herald-tests --bin herald-demo
 
-## The whole suite: unit tests and the end-to-end tests against real etcd, nats-server and anvil.
+## The whole suite: the Helm chart check, then unit tests and the end-to-end tests against real
+## etcd, nats-server and anvil (their summary last).
 test: build
-	@if command -v cargo-nextest >/dev/null 2>&1; then \
-		cargo nextest run --workspace --no-fail-fast --test-threads 2; \
+	@rc=0; $(MAKE) --no-print-directory helm-check-only || rc=1; \
+	if command -v cargo-nextest >/dev/null 2>&1; then \
+		cargo nextest run --workspace --no-fail-fast --test-threads 2 || rc=1; \
 	else \
-		cargo test --workspace --no-fail-fast -- --test-threads 2; \
-	fi
+		cargo test --workspace --no-fail-fast -- --test-threads 2 || rc=1; \
+	fi; exit $$rc
+
+## Renders helm/herald for the default and ci/*-values.yaml value sets, validates the manifests
+## against Kubernetes 1.30 (kubernetes-validate --strict), runs the binaries' --check-config on
+## the rendered config, and checks that values.schema.json rejects tests/helm/bad-values.
+## Last line: helm: <V> value sets, <M> manifests, <E> errors.
+helm-check: build
+	@$(MAKE) --no-print-directory helm-check-only
+
+.PHONY: helm-check-only
+helm-check-only:
+	@.tools/venv/bin/python tests/helm/helm_check.py
 
 ## schemathesis against a live coordinator (all checks); last line: api fuzz: N requests, M server errors, K schema violations.
 api-fuzz: build
