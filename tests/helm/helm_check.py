@@ -180,6 +180,9 @@ def check_policy(doc: dict) -> list[str]:
     psc = pod.get("securityContext", {})
     if not psc.get("runAsNonRoot"):
         problems.append("pod securityContext.runAsNonRoot is not true")
+    if pod.get("enableServiceLinks") is not False:
+        problems.append("enableServiceLinks is not false: Service env vars (HERALD_*_SERVICE_HOST) "
+                        "would be read as unknown configuration keys")
     if pod.get("terminationGracePeriodSeconds", 30) < 30:
         problems.append("terminationGracePeriodSeconds < 30: no room for a graceful drain")
     for c in pod["containers"]:
