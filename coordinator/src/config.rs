@@ -209,6 +209,8 @@ impl Config {
             }
         }
         config.validate(true)?;
+        // The credential files must be readable now (they are read again at each connect).
+        config.etcd.read_secrets().map_err(|e| invalid(e.key, e.message))?;
         Ok(config)
     }
 
@@ -361,6 +363,12 @@ mod tests {
         assert_eq!(checked.unwrap().etcd.user.as_deref(), Some("herald"));
         let err = loaded.unwrap_err().to_string();
         assert!(err.contains("auth.admin_token_file"), "{err}");
+        let err = load(&format!(
+            "{OK}[etcd]\nendpoints = [\"https://e:2379\"]\n[etcd.tls]\nca_file = \"/nonexistent/ca\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("etcd.tls.ca_file"), "{err}");
         let both = format!("{OK}admin_token_file = \"/x\"\n").replace("[[chains]]\nchain_id = 1\n", "");
         let err = load(&format!("{both}[[chains]]\nchain_id = 1\n")).unwrap_err().to_string();
         assert!(err.contains("auth.admin_token"), "{err}");

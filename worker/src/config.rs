@@ -186,6 +186,16 @@ impl Config {
             }
         }
         config.validate(true)?;
+        // The credential files must be readable now (they are read again at each connect).
+        config.etcd.read_secrets().map_err(|e| invalid(e.key, e.message))?;
+        for (key, path) in
+            [("nats.creds_file", &config.nats.creds_file), ("nats.tls_ca_file", &config.nats.tls_ca_file)]
+        {
+            if let Some(path) = path {
+                std::fs::read(path)
+                    .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+            }
+        }
         Ok(config)
     }
 
@@ -303,6 +313,13 @@ mod tests {
         Config::load(Some(&f.0))
     }
 
+    /// `--check-config`: the files `*_file` keys name are not read.
+    fn check_str(toml: &str) -> Result<Config, ConfigError> {
+        let mut f = tempfile_in_target();
+        f.1.write_all(toml.as_bytes()).unwrap();
+        Config::check(Some(&f.0))
+    }
+
     fn tempfile_in_target() -> (std::path::PathBuf, std::fs::File) {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
@@ -373,6 +390,11 @@ rpc_urls = ["http://127.0.0.1:8545"]
         std::fs::remove_file(&path).unwrap();
         let err = load_str(&toml).unwrap_err();
         assert!(err.to_string().contains("chains[0].rpc_urls_file"), "{err}");
+        let err = load_str(&format!(
+            "{MINIMAL}\n[nats]\nurl = \"tls://n\"\nack_timeout = \"5s\"\ncreds_file = \"/nonexistent/c\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("nats.creds_file"), "{err}");
         // --check-config does not read it: it is mounted at run time.
         let (check_path, mut f) = tempfile_in_target();
         f.write_all(toml.as_bytes()).unwrap();
@@ -383,16 +405,19 @@ rpc_urls = ["http://127.0.0.1:8545"]
 
     #[test]
     fn credentials_and_tls_keys_load_and_are_checked() {
-        let c = load_str(&format!(
+        let toml = format!(
             "{MINIMAL}\n[etcd]\nendpoints = [\"https://etcd:2379\"]\nuser = \"herald\"\n\
              password_file = \"/s/pw\"\n[etcd.tls]\nca_file = \"/s/ca.crt\"\n\
              [nats]\nurl = \"tls://nats:4222\"\nack_timeout = \"5s\"\ncreds_file = \"/s/herald.creds\"\n\
              tls_ca_file = \"/s/nats-ca.crt\"\n"
-        ))
-        .unwrap();
+        );
+        let c = check_str(&toml).unwrap();
         assert_eq!(c.etcd.user.as_deref(), Some("herald"));
         assert_eq!(c.nats.creds_file.as_deref(), Some(Path::new("/s/herald.creds")));
         assert_eq!(c.nats.tls_ca_file.as_deref(), Some(Path::new("/s/nats-ca.crt")));
+        // Loading for real reads them: a missing one is named.
+        let err = load_str(&toml).unwrap_err();
+        assert!(err.to_string().contains("etcd.password_file"), "{err}");
         let err = load_str(&format!("{MINIMAL}\n[etcd]\nuser = \"herald\"\n")).unwrap_err();
         assert!(err.to_string().contains("etcd.password_file"), "{err}");
         let err = load_str(&format!("{MINIMAL}\n[etcd.tls]\nca_file = \"/c\"\n")).unwrap_err();
