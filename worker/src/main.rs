@@ -41,6 +41,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Both rustls crypto providers are compiled in (async-nats asks for ring, reqwest for
+    // aws-lc-rs), so rustls cannot pick one by itself: NATS over TLS would panic without this.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let filter = EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder =
