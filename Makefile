@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 DEMO_SECONDS ?=
 export DEMO_SECONDS
 
-.PHONY: deps build demo test test-unit api-fuzz bench lint fmt contracts dashboards-check alerts-check
+.PHONY: deps build demo test test-unit helm-check api-fuzz bench lint fmt contracts dashboards-check alerts-check
 
 deps:
 	@bash scripts/install-deps.sh
@@ -18,14 +18,17 @@ build: deps
 demo: build
 	@cargo run -q -p herald-tests --bin herald-demo
 
-## The whole suite: unit tests and the end-to-end tests against real etcd, nats-server and anvil.
+## The whole suite: the Helm chart check, then unit tests and the end-to-end tests against real
+## etcd, nats-server and anvil, then the dashboards against a real Prometheus.
 test: build
-	@if command -v cargo-nextest >/dev/null 2>&1; then \
-		cargo nextest run --workspace --no-fail-fast --test-threads 2; \
+	@rc=0; $(MAKE) --no-print-directory helm-check-only || rc=1; \
+	if command -v cargo-nextest >/dev/null 2>&1; then \
+		cargo nextest run --workspace --no-fail-fast --test-threads 2 || rc=1; \
 	else \
-		cargo test --workspace --no-fail-fast -- --test-threads 2; \
-	fi
-	@$(MAKE) --no-print-directory dashboards-check
+		cargo test --workspace --no-fail-fast -- --test-threads 2 || rc=1; \
+	fi; \
+	$(MAKE) --no-print-directory dashboards-check || rc=1; \
+	exit $$rc
 
 ## Alert rules: promtool's syntax check and its unit tests (dashboards/alerts.test.yaml).
 alerts-check: deps
@@ -37,6 +40,17 @@ alerts-check: deps
 dashboards-check: build alerts-check
 	python3 dashboards/generate.py --check
 	@cargo run -q -p herald-tests --bin herald-dashboards-check
+
+## Renders helm/herald for the default and ci/*-values.yaml value sets, validates the manifests
+## against Kubernetes 1.30 (kubernetes-validate --strict), runs the binaries' --check-config on
+## the rendered config, and checks that values.schema.json rejects tests/helm/bad-values.
+## Last line: helm: <V> value sets, <M> manifests, <E> errors.
+helm-check: build
+	@$(MAKE) --no-print-directory helm-check-only
+
+.PHONY: helm-check-only
+helm-check-only:
+	@.tools/venv/bin/python tests/helm/helm_check.py
 
 ## schemathesis against a live coordinator (all checks); last line: api fuzz: N requests, M server errors, K schema violations.
 api-fuzz: build

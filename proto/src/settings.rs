@@ -1,6 +1,7 @@
 //! Configuration pieces both binaries share. Plain data with defaults; loading and validation
 //! live in each binary's `config` module.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,116 @@ pub struct EtcdConfig {
     /// Timeout of one request.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// TLS towards etcd (use `https://` endpoints); absent = plain text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<EtcdTls>,
+    /// etcd user name (etcd's own authentication); needs `password_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// File holding the password of `user` (e.g. a mounted Kubernetes secret); trailing
+    /// whitespace is ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+}
+
+/// PEM files for TLS towards etcd.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTls {
+    /// CA bundle that signed the etcd server certificates (required: no system roots are built
+    /// in).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (etcd `--client-cert-auth`); needs `key_file`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Private key of `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+/// A setting that cannot be used: the dotted key and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct InvalidSetting {
+    /// The offending key, dotted (`etcd.tls.cert_file`).
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> InvalidSetting {
+    InvalidSetting { key: key.into(), message: message.into() }
+}
+
+/// The contents of the files an [`EtcdConfig`] names, read at connect time.
+#[derive(Default)]
+pub struct EtcdSecrets {
+    /// `(user, password)`.
+    pub user: Option<(String, String)>,
+    /// PEM of the CA bundle.
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM of the client certificate and its key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EtcdSecrets(***)")
+    }
+}
+
+impl EtcdConfig {
+    /// Checks the shape of the credential settings without reading any file (the files are
+    /// mounted at run time; see [`EtcdConfig::read_secrets`]).
+    pub fn validate_credentials(&self) -> Result<(), InvalidSetting> {
+        match (&self.user, &self.password_file) {
+            (Some(u), _) if u.is_empty() => return Err(invalid("etcd.user", "must not be empty")),
+            (Some(_), None) => return Err(invalid("etcd.password_file", "etcd.user needs a password_file")),
+            (None, Some(_)) => return Err(invalid("etcd.user", "etcd.password_file needs a user")),
+            _ => {}
+        }
+        if let Some(tls) = &self.tls {
+            if tls.ca_file.is_none() {
+                return Err(invalid("etcd.tls.ca_file", "required when etcd.tls is set"));
+            }
+            match (&tls.cert_file, &tls.key_file) {
+                (Some(_), None) => return Err(invalid("etcd.tls.key_file", "cert_file needs a key_file")),
+                (None, Some(_)) => return Err(invalid("etcd.tls.cert_file", "key_file needs a cert_file")),
+                _ => {}
+            }
+            if let Some((i, _)) = self.endpoints.iter().enumerate().find(|(_, e)| e.starts_with("http://")) {
+                return Err(invalid(
+                    &format!("etcd.endpoints[{i}]"),
+                    "etcd.tls is set: endpoints must be https://",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the password, CA and client certificate files; errors name the key.
+    pub fn read_secrets(&self) -> Result<EtcdSecrets, InvalidSetting> {
+        self.validate_credentials()?;
+        let read = |key: &str, path: &PathBuf| {
+            std::fs::read(path).map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))
+        };
+        let mut secrets = EtcdSecrets::default();
+        if let (Some(user), Some(file)) = (&self.user, &self.password_file) {
+            let password = String::from_utf8(read("etcd.password_file", file)?)
+                .map_err(|_| invalid("etcd.password_file", "is not UTF-8"))?;
+            secrets.user = Some((user.clone(), password.trim_end().to_owned()));
+        }
+        if let Some(tls) = &self.tls {
+            if let Some(ca) = &tls.ca_file {
+                secrets.ca_pem = Some(read("etcd.tls.ca_file", ca)?);
+            }
+            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+                secrets.identity = Some((read("etcd.tls.cert_file", cert)?, read("etcd.tls.key_file", key)?));
+            }
+        }
+        Ok(secrets)
+    }
 }
 
 impl Default for EtcdConfig {
@@ -41,6 +152,9 @@ impl Default for EtcdConfig {
             prefix: DEFAULT_PREFIX.into(),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
+            tls: None,
+            user: None,
+            password_file: None,
         }
     }
 }
@@ -109,5 +223,48 @@ mod tests {
         .unwrap();
         assert_eq!(c.request_timeout, Duration::from_millis(250));
         assert_eq!(serde_json::to_value(LogFormat::Json).unwrap(), "json");
+        assert_eq!(c.tls, None);
+    }
+
+    fn etcd(extra: serde_json::Value) -> EtcdConfig {
+        let mut v = serde_json::json!({
+            "endpoints": ["https://e:2379"], "prefix": "/h", "connect_timeout": "1s", "request_timeout": "1s"
+        });
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn credential_settings_are_checked_by_key() {
+        let ok = etcd(serde_json::json!({
+            "user": "herald", "password_file": "/s/pw",
+            "tls": {"ca_file": "/s/ca.crt", "cert_file": "/s/tls.crt", "key_file": "/s/tls.key"}
+        }));
+        assert_eq!(ok.validate_credentials(), Ok(()));
+        let err = etcd(serde_json::json!({"user": "herald"})).validate_credentials().unwrap_err();
+        assert_eq!(err.key, "etcd.password_file");
+        let err = etcd(serde_json::json!({"tls": {"ca_file": "/a", "cert_file": "/c"}}))
+            .validate_credentials()
+            .unwrap_err();
+        assert_eq!(err.key, "etcd.tls.key_file");
+        let mut plain = etcd(serde_json::json!({"tls": {"ca_file": "/c"}}));
+        plain.endpoints = vec!["http://e:2379".into()];
+        assert_eq!(plain.validate_credentials().unwrap_err().key, "etcd.endpoints[0]");
+        let unknown = serde_json::from_value::<EtcdTls>(serde_json::json!({"ca": "/x"}));
+        assert!(unknown.unwrap_err().to_string().contains("ca"));
+    }
+
+    #[test]
+    fn secrets_are_read_and_missing_files_named() {
+        let dir = std::env::temp_dir().join(format!("herald-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pw"), "s3cret\n").unwrap();
+        let c = etcd(serde_json::json!({"user": "herald", "password_file": dir.join("pw")}));
+        let secrets = c.read_secrets().unwrap();
+        assert_eq!(secrets.user, Some(("herald".into(), "s3cret".into())));
+        assert_eq!(format!("{secrets:?}"), "EtcdSecrets(***)");
+        let c = etcd(serde_json::json!({"tls": {"ca_file": dir.join("missing.crt")}}));
+        assert_eq!(c.read_secrets().unwrap_err().key, "etcd.tls.ca_file");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

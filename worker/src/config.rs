@@ -5,7 +5,7 @@
 //! Unknown keys are rejected, and every error names the key it is about.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
@@ -71,6 +71,12 @@ pub struct NatsConfig {
     /// The stream, created or updated at start.
     #[serde(default)]
     pub stream: StreamConfig,
+    /// NATS credentials file (JWT + nkey seed, `nsc generate creds`), e.g. a mounted secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creds_file: Option<PathBuf>,
+    /// CA bundle of the NATS server certificates; when set, TLS is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for NatsConfig {
@@ -79,6 +85,8 @@ impl Default for NatsConfig {
             url: "nats://127.0.0.1:4222".into(),
             ack_timeout: Duration::from_secs(5),
             stream: StreamConfig::default(),
+            creds_file: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -122,7 +130,12 @@ pub struct ChainConfig {
     pub chain_id: ChainId,
     /// JSON-RPC endpoints (http/https), in order of preference: the first healthy one is used,
     /// the next ones take over while it is down.
+    #[serde(default)]
     pub rpc_urls: Vec<String>,
+    /// File with more endpoints, one per line (`#` comments allowed), appended to `rpc_urls` at
+    /// load: keeps URLs that carry API keys in a secret (e.g. a mounted Kubernetes secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpc_urls_file: Option<PathBuf>,
     /// WebSocket endpoint (ws/wss) for new heads; without it, or while it is down, the head
     /// is polled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -180,6 +193,35 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 impl Config {
     /// Loads defaults, then `file` (if given), then `HERALD_*` variables, and validates.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut config = Self::load_unvalidated(file)?;
+        for (i, chain) in config.chains.iter_mut().enumerate() {
+            if let Some(path) = &chain.rpc_urls_file {
+                chain.rpc_urls.extend(read_url_file(&format!("chains[{i}].rpc_urls_file"), path)?);
+            }
+        }
+        config.validate(true)?;
+        // The credential files must be readable now (they are read again at each connect).
+        config.etcd.read_secrets().map_err(|e| invalid(e.key, e.message))?;
+        for (key, path) in
+            [("nats.creds_file", &config.nats.creds_file), ("nats.tls_ca_file", &config.nats.tls_ca_file)]
+        {
+            if let Some(path) = path {
+                std::fs::read(path)
+                    .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+            }
+        }
+        Ok(config)
+    }
+
+    /// Like [`Config::load`], but does not read the files `*_file` keys name (they are mounted
+    /// at run time, e.g. from a Kubernetes secret): `--check-config`.
+    pub fn check(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let config = Self::load_unvalidated(file)?;
+        config.validate(false)?;
+        Ok(config)
+    }
+
+    fn load_unvalidated(file: Option<&Path>) -> Result<Self, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Defaults::default()));
         if let Some(file) = file {
             if !file.exists() {
@@ -189,9 +231,7 @@ impl Config {
         }
         // HERALD_LOG (the log filter) and HERALD_CONFIG (the file path) are not config keys.
         figment = figment.merge(Env::prefixed("HERALD_").ignore(&["log", "config"]).split("__"));
-        let config: Config = figment.extract().map_err(Box::new)?;
-        config.validate()?;
-        Ok(config)
+        Ok(figment.extract().map_err(Box::new)?)
     }
 
     /// The etcd keyspace this worker uses.
@@ -199,10 +239,15 @@ impl Config {
         Keyspace::new(self.etcd.prefix.clone()).expect("validated at load")
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// `files_read`: whether `rpc_urls_file` contents are already in `rpc_urls`.
+    fn validate(&self, files_read: bool) -> Result<(), ConfigError> {
         Keyspace::new(self.etcd.prefix.clone()).map_err(|e| invalid("etcd.prefix", e.to_string()))?;
         if self.etcd.endpoints.is_empty() {
             return Err(invalid("etcd.endpoints", "needs at least one endpoint"));
+        }
+        self.etcd.validate_credentials().map_err(|e| invalid(e.key, e.message))?;
+        if self.nats.url.trim().is_empty() {
+            return Err(invalid("nats.url", "needs at least one server URL"));
         }
         if self.nats.stream.name.is_empty() || self.nats.stream.name.contains(['.', ' ', '*', '>', '/', '\\'])
         {
@@ -224,8 +269,12 @@ impl Config {
             if self.chains[..i].iter().any(|c| c.chain_id == chain.chain_id) {
                 return Err(invalid(format!("chains[{i}].chain_id"), "duplicate chain id"));
             }
-            if chain.rpc_urls.is_empty() {
-                return Err(invalid(format!("chains[{i}].rpc_urls"), "needs at least one URL"));
+            if chain.rpc_urls.is_empty() && (files_read || chain.rpc_urls_file.is_none()) {
+                let message = match &chain.rpc_urls_file {
+                    Some(path) => format!("needs at least one URL (none in {} either)", path.display()),
+                    None => "needs at least one URL (or an rpc_urls_file)".into(),
+                };
+                return Err(invalid(format!("chains[{i}].rpc_urls"), message));
             }
             for (j, url) in chain.rpc_urls.iter().enumerate() {
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -254,6 +303,18 @@ impl Config {
     }
 }
 
+/// The URLs in `path`: one per line, blank lines and `#` comments skipped.
+fn read_url_file(key: &str, path: &Path) -> Result<Vec<String>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect())
+}
+
 /// The defaults layer: everything but `worker_id`, which has no sensible default.
 #[derive(Serialize, Default)]
 struct Defaults {
@@ -272,6 +333,13 @@ mod tests {
         let mut f = tempfile_in_target();
         f.1.write_all(toml.as_bytes()).unwrap();
         Config::load(Some(&f.0))
+    }
+
+    /// `--check-config`: the files `*_file` keys name are not read.
+    fn check_str(toml: &str) -> Result<Config, ConfigError> {
+        let mut f = tempfile_in_target();
+        f.1.write_all(toml.as_bytes()).unwrap();
+        Config::check(Some(&f.0))
     }
 
     fn tempfile_in_target() -> (std::path::PathBuf, std::fs::File) {
@@ -327,5 +395,60 @@ rpc_urls = ["http://127.0.0.1:8545"]
         assert!(err.to_string().contains("chains[0].ws_url"), "{err}");
         let err = load_str("worker_id = \"w\"\n").unwrap_err();
         assert!(err.to_string().contains("chains"), "{err}");
+    }
+
+    #[test]
+    fn rpc_urls_come_from_a_file_too() {
+        let (path, mut f) = tempfile_in_target();
+        f.write_all(b"# provider A\nhttps://a.example/v2/KEY\n\n  https://b.example/?apikey=K  \n").unwrap();
+        let toml =
+            format!("worker_id = \"w\"\n[[chains]]\nchain_id = 1\nrpc_urls_file = \"{}\"\n", path.display());
+        let c = load_str(&toml).unwrap();
+        assert_eq!(c.chains[0].rpc_urls, ["https://a.example/v2/KEY", "https://b.example/?apikey=K"]);
+        std::fs::write(&path, "ftp://x\n").unwrap();
+        let err = load_str(&toml).unwrap_err();
+        assert!(err.to_string().contains("chains[0].rpc_urls[0]"), "{err}");
+        std::fs::write(&path, "# nothing\n").unwrap();
+        let err = load_str(&toml).unwrap_err();
+        assert!(err.to_string().contains("chains[0].rpc_urls"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        let err = load_str(&toml).unwrap_err();
+        assert!(err.to_string().contains("chains[0].rpc_urls_file"), "{err}");
+        let err = load_str(&format!(
+            "{MINIMAL}\n[nats]\nurl = \"tls://n\"\nack_timeout = \"5s\"\ncreds_file = \"/nonexistent/c\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("nats.creds_file"), "{err}");
+        // --check-config does not read it: it is mounted at run time.
+        let (check_path, mut f) = tempfile_in_target();
+        f.write_all(toml.as_bytes()).unwrap();
+        assert!(Config::check(Some(&check_path)).is_ok());
+        let err = load_str("worker_id = \"w\"\n[[chains]]\nchain_id = 1\n").unwrap_err();
+        assert!(err.to_string().contains("chains[0].rpc_urls"), "{err}");
+    }
+
+    #[test]
+    fn credentials_and_tls_keys_load_and_are_checked() {
+        let toml = format!(
+            "{MINIMAL}\n[etcd]\nendpoints = [\"https://etcd:2379\"]\nuser = \"herald\"\n\
+             password_file = \"/s/pw\"\n[etcd.tls]\nca_file = \"/s/ca.crt\"\n\
+             [nats]\nurl = \"tls://nats:4222\"\nack_timeout = \"5s\"\ncreds_file = \"/s/herald.creds\"\n\
+             tls_ca_file = \"/s/nats-ca.crt\"\n"
+        );
+        let c = check_str(&toml).unwrap();
+        assert_eq!(c.etcd.user.as_deref(), Some("herald"));
+        assert_eq!(c.nats.creds_file.as_deref(), Some(Path::new("/s/herald.creds")));
+        assert_eq!(c.nats.tls_ca_file.as_deref(), Some(Path::new("/s/nats-ca.crt")));
+        // Loading for real reads them: a missing one is named.
+        let err = load_str(&toml).unwrap_err();
+        assert!(err.to_string().contains("etcd.password_file"), "{err}");
+        let err = load_str(&format!("{MINIMAL}\n[etcd]\nuser = \"herald\"\n")).unwrap_err();
+        assert!(err.to_string().contains("etcd.password_file"), "{err}");
+        let err = load_str(&format!("{MINIMAL}\n[etcd.tls]\nca_file = \"/c\"\n")).unwrap_err();
+        assert!(err.to_string().contains("etcd.endpoints[0]"), "{err}");
+        let err = load_str(&format!("{MINIMAL}\n[etcd.tls]\nca = \"/c\"\n")).unwrap_err();
+        assert!(err.to_string().contains("ca"), "{err}");
+        let err = load_str(&format!("{MINIMAL}\n[nats]\nurl = \"nats://n\"\ncreds = \"/c\"\n")).unwrap_err();
+        assert!(err.to_string().contains("creds"), "{err}");
     }
 }

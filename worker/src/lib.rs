@@ -70,22 +70,37 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
 
     let etcd = &config.etcd;
-    let Some(store) = retry("connect to etcd", &shutdown, || {
-        EtcdStore::connect(&etcd.endpoints, config.keyspace(), etcd.connect_timeout, etcd.request_timeout)
-    })
-    .await
+    // Unreadable credential files are a configuration error, not something to retry.
+    etcd.read_secrets().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let Some(store) =
+        retry("connect to etcd", &shutdown, || EtcdStore::connect(etcd, config.keyspace())).await
     else {
         return Ok(());
     };
     tracing::info!(endpoints = ?etcd.endpoints, "connected to etcd");
 
-    let nats_options = || {
-        async_nats::ConnectOptions::new()
+    let nats_options = || async {
+        let mut options = async_nats::ConnectOptions::new()
             .connection_timeout(std::time::Duration::from_secs(5))
-            .max_reconnects(None)
+            .max_reconnects(None);
+        if let Some(ca) = &config.nats.tls_ca_file {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some(creds) = &config.nats.creds_file {
+            options = options.credentials_file(creds).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "invalid configuration: nats.creds_file: cannot read {}: {e}",
+                    creds.display()
+                )
+            })?;
+        }
+        anyhow::Ok(options)
     };
+    // An unreadable credentials file is a configuration error, not something to retry.
+    nats_options().await?;
     let Some(client) = retry("connect to nats", &shutdown, || async {
-        let client = nats_options().connect(config.nats.url.as_str()).await?;
+        let options = nats_options().await.map_err(|e| async_nats::Error::from(format!("{e:#}")))?;
+        let client = options.connect(config.nats.url.as_str()).await?;
         client.flush().await.map(|()| client).map_err(async_nats::Error::from)
     })
     .await

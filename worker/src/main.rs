@@ -14,10 +14,26 @@ struct Args {
     /// TOML configuration file; `HERALD_*` variables override it.
     #[arg(long, short, env = "HERALD_CONFIG")]
     config: Option<PathBuf>,
+    /// Load and validate the configuration (file and `HERALD_*` variables), print `config ok`
+    /// and exit: 0 when valid, 2 otherwise. Files named by `*_file` keys are not read.
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.check_config {
+        return match Config::check(args.config.as_deref()) {
+            Ok(_) => {
+                println!("config ok");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("herald-worker: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -25,6 +41,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Both rustls crypto providers are compiled in (async-nats asks for ring, reqwest for
+    // aws-lc-rs), so rustls cannot pick one by itself: NATS over TLS would panic without this.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let filter = EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder =

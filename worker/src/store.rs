@@ -11,8 +11,10 @@ use std::future::Future;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, WatchOptions, WatchStream,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn, TxnOp,
+    WatchOptions, WatchStream,
 };
+use herald_proto::settings::{EtcdConfig, InvalidSetting};
 use herald_proto::{Assignment, Cursor, Key, Keyspace, SubscriptionId, SubscriptionRecord, WorkerId};
 
 /// A failed store operation.
@@ -24,6 +26,9 @@ pub enum StoreError {
     /// etcd could not be reached or failed the request; retry.
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
+    /// An etcd credential setting is unusable (e.g. a certificate file cannot be read).
+    #[error("invalid configuration: {0}")]
+    Settings(#[from] InvalidSetting),
     /// The worker's lease expired before it could be renewed.
     #[error("lease {0:x} expired")]
     LeaseExpired(i64),
@@ -71,6 +76,24 @@ pub trait CursorStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
+/// etcd connect options carrying the configured user and TLS material (files read now, so a
+/// reconnect picks up rotated certificates).
+fn credential_options(config: &EtcdConfig) -> Result<ConnectOptions, InvalidSetting> {
+    let secrets = config.read_secrets()?;
+    let mut options = ConnectOptions::new();
+    if let Some((user, password)) = secrets.user {
+        options = options.with_user(user, password);
+    }
+    if let Some(ca) = secrets.ca_pem {
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some((cert, key)) = secrets.identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        options = options.with_tls(tls);
+    }
+    Ok(options)
+}
+
 /// herald's etcd adapter for the worker.
 #[derive(Clone)]
 pub struct EtcdStore {
@@ -80,17 +103,12 @@ pub struct EtcdStore {
 
 impl EtcdStore {
     /// Connects (one attempt; the caller retries).
-    pub async fn connect(
-        endpoints: &[String],
-        keys: Keyspace,
-        connect_timeout: Duration,
-        request_timeout: Duration,
-    ) -> Result<Self, StoreError> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(connect_timeout)
-            .with_timeout(request_timeout)
+    pub async fn connect(config: &EtcdConfig, keys: Keyspace) -> Result<Self, StoreError> {
+        let options = credential_options(config)?
+            .with_connect_timeout(config.connect_timeout)
+            .with_timeout(config.request_timeout)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
-        let mut client = Client::connect(endpoints, Some(options)).await?;
+        let mut client = Client::connect(&config.endpoints, Some(options)).await?;
         // connect() is lazy about the server; make sure it answers.
         client.status().await?;
         Ok(Self { client, keys })
