@@ -199,6 +199,15 @@ impl WorkerProcess {
         http_get(self.settings.metrics_port, "/metrics").await
     }
 
+    /// The largest value of any series of metric `name`.
+    pub async fn metric_max(&self, name: &str) -> Option<f64> {
+        let text = http_get(self.settings.metrics_port, "/metrics").await?;
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.split(['{', ' ']).next() == Some(name))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .reduce(f64::max)
+    }
+
     /// The value of metric `name` with all of `labels` (`key="value"` pairs), summed.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let text = self.metrics_text().await?;

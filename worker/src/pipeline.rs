@@ -73,6 +73,9 @@ pub struct SubscriptionTask<R, S, C> {
     pub max_block_range: u64,
 }
 
+/// How often a subscription whose ranges publish nothing commits its cursor.
+const IDLE_COMMIT_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Messages per atomic batch (the server accepts up to 1,000).
 const PUBLISH_BATCH: usize = 500;
 
@@ -98,6 +101,11 @@ struct Progress {
     reported_no_finality: bool,
     /// Span of the next `eth_getLogs`, adapting to what the provider accepts.
     sizer: RangeSizer,
+    /// When the cursor was last committed by this task.
+    last_commit: Option<std::time::Instant>,
+    /// The cursor in memory is ahead of the committed one (only over ranges that published
+    /// nothing).
+    uncommitted: bool,
 }
 
 impl Progress {
@@ -110,6 +118,8 @@ impl Progress {
             cursor: Some(cursor),
             reported_no_finality: false,
             sizer: RangeSizer::new(1),
+            last_commit: None,
+            uncommitted: false,
         }
     }
 
@@ -122,6 +132,8 @@ impl Progress {
             last_seq: 0,
             reported_no_finality: false,
             sizer: RangeSizer::new(1),
+            last_commit: None,
+            uncommitted: false,
         }
     }
 }
@@ -182,6 +194,12 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         let mut backoff = Backoff::network();
         loop {
             if drain.is_cancelled() {
+                if progress.uncommitted
+                    && let Some(cursor) = progress.cursor.clone()
+                    && let Err(exit) = self.commit(&cursor, &cancel).await
+                {
+                    return exit;
+                }
                 tracing::info!(cursor = progress.next.saturating_sub(1), "drained");
                 return Exit::Drained;
             }
@@ -191,11 +209,31 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 Ok(Step::Continue) => backoff.reset(),
                 Ok(Step::Idle) => {
                     backoff.reset();
+                    // A quiet chain still gets the cursor of its last empty ranges committed.
+                    let flush_at = progress
+                        .last_commit
+                        .filter(|_| progress.uncommitted)
+                        .map(|at| tokio::time::Instant::from_std(at + IDLE_COMMIT_INTERVAL));
+                    let flush = async {
+                        match flush_at {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         _ = cancel.cancelled() => return Exit::Cancelled,
                         _ = drain.cancelled() => {}
                         changed = heads.changed() => if changed.is_err() {
                             tokio::time::sleep(self.poll_interval).await;
+                        },
+                        _ = flush => {
+                            if let Some(cursor) = progress.cursor.clone() {
+                                if let Err(exit) = self.commit(&cursor, &cancel).await {
+                                    return exit;
+                                }
+                                progress.uncommitted = false;
+                                progress.last_commit = Some(std::time::Instant::now());
+                            }
                         }
                     }
                 }
@@ -406,9 +444,19 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             Some(previous) => previous.advance(checkpoint, REORG_WINDOW.max(2 * self.spec.confirmations)),
             None => Cursor { stream_seq: p.last_seq, ..Cursor::at(to, to_hash, p.epoch) },
         };
-        if let Err(exit) = self.commit(&cursor, cancel).await {
-            return Ok(Step::Exit(exit));
+        // A range that published nothing needs no prompt commit: replaying it after a crash
+        // publishes nothing either. Committing it at most every IDLE_COMMIT_INTERVAL keeps
+        // thousands of quiet subscriptions from writing to etcd on every block.
+        let due = !envelopes.is_empty()
+            || p.cursor.is_none()
+            || p.last_commit.is_none_or(|at| at.elapsed() >= IDLE_COMMIT_INTERVAL);
+        if due {
+            if let Err(exit) = self.commit(&cursor, cancel).await {
+                return Ok(Step::Exit(exit));
+            }
+            p.last_commit = Some(std::time::Instant::now());
         }
+        p.uncommitted = !due;
         p.next = cursor.next_block();
         p.cursor = Some(cursor);
         self.metrics.observe_cursor(&labels, head, to, target);

@@ -2,7 +2,7 @@
 //! `bench: <name> key=value ... ratio=<figure / target>`; ratio <= 1 is on target. Figures are
 //! measured in this run on this machine; nothing here asserts a time.
 //!
-//! `BENCH=<name>` runs one scenario: `planner`, `backfill`, `live`, `takeover`, `drain`.
+//! `BENCH=<name>` runs one scenario: `planner`, `backfill`, `live`, `fanout`, `takeover`, `drain`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -301,11 +301,103 @@ async fn live() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `FANOUT_CONTRACTS` contracts (default 1,000) x 10 subscriptions each, on 2 workers, with
+/// live traffic on a different contract every block.
+async fn fanout() -> anyhow::Result<()> {
+    const PER_CONTRACT: usize = 10;
+    const BLOCKS: u64 = 20;
+    const MAX_ADDRESSES_PER_CALL: usize = 100;
+    let contracts: usize =
+        std::env::var("FANOUT_CONTRACTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let stack = Stack::start().await?;
+    let mut chains = Vec::with_capacity(contracts);
+    for _ in 0..contracts {
+        chains.push(herald_tests::chain::TestChain::deploy(&stack.anvil.url()).await?);
+    }
+    let start = stack.chain.head().await? + 1;
+    let mut etcd = stack.etcd.client().await?;
+    let workers = ["bench-a", "bench-b"];
+    let mut n = 0;
+    for (c, chain) in chains.iter().enumerate() {
+        for j in 0..PER_CONTRACT {
+            let mut spec = stack.subscription(&format!("fan-{c:04}-{j}"), TRANSFER_EVENT);
+            spec.address = chain.contract;
+            spec.start_block = herald_proto::StartBlock::Number(start);
+            if j > 0 {
+                // Filters on indexed arguments: most of these match nothing.
+                spec.filters.insert("to".into(), vec![format!("0x{:040x}", j)]);
+            }
+            herald_tests::register_subscription(&mut etcd, &spec, workers[n % 2]).await?;
+            n += 1;
+        }
+    }
+    let mut procs = Vec::new();
+    for w in workers {
+        let mut settings = stack.worker_settings(w);
+        settings.ws = Some(stack.anvil.ws_url());
+        procs.push(WorkerProcess::start(settings)?);
+    }
+    // Every subscription started and committed its first cursor.
+    let cursors = herald_proto::Keyspace::default().cursors_dir();
+    wait_for("every subscription to start", Duration::from_secs(600), || {
+        let etcd = stack.etcd.client();
+        let cursors = cursors.clone();
+        async move {
+            let mut etcd = etcd.await.ok()?;
+            let count = etcd
+                .get(cursors.as_str(), Some(etcd_client::GetOptions::new().with_prefix().with_count_only()))
+                .await
+                .ok()?
+                .count();
+            (count as usize >= n).then_some(())
+        }
+    })
+    .await?;
+    let mut calls_before = Vec::new();
+    let mut events_before = 0.0;
+    for w in &procs {
+        calls_before.push(w.metric("herald_rpc_requests_total", &[]).await.unwrap_or(0.0));
+        events_before += w.metric("herald_events_published_total", &[]).await.unwrap_or(0.0);
+    }
+    let started = Instant::now();
+    let mut max_lag: f64 = 0.0;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    for b in 0..BLOCKS as usize {
+        tick.tick().await;
+        chains[b % contracts].emit_many(5).await?;
+        for w in &procs {
+            max_lag = max_lag.max(w.metric_max("herald_subscription_lag_blocks").await.unwrap_or(0.0));
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut calls_per_block = Vec::new();
+    let mut events = -events_before;
+    for (w, before) in procs.iter().zip(&calls_before) {
+        calls_per_block
+            .push((w.metric("herald_rpc_requests_total", &[]).await.unwrap_or(0.0) - before) / BLOCKS as f64);
+        events += w.metric("herald_events_published_total", &[]).await.unwrap_or(0.0);
+    }
+    let rss: Vec<String> =
+        procs.iter().map(|w| format!("{:.0}", w.peak_rss_bytes().unwrap_or(0) as f64 / 1e6)).collect();
+    let worst = calls_per_block.iter().copied().fold(0.0, f64::max);
+    let ceiling = 2.0 + (contracts as f64 / MAX_ADDRESSES_PER_CALL as f64).ceil();
+    println!(
+        "bench: fanout subscriptions={n} workers=2 contracts={contracts} blocks={BLOCKS} \
+         rpc_calls_per_block_per_worker={} events_per_s={:.1} rss_mb_per_worker={} max_lag_blocks={max_lag:.0} \
+         target_calls_per_block={ceiling:.0} target_max_lag_blocks=2 ratio={:.3}",
+        calls_per_block.iter().map(|c| format!("{c:.1}")).collect::<Vec<_>>().join(","),
+        events / seconds,
+        rss.join(","),
+        worst / ceiling
+    );
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let only = std::env::var("BENCH").ok().filter(|b| !b.is_empty());
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
-    let known = ["planner", "backfill", "live", "takeover", "drain"];
+    let known = ["planner", "backfill", "live", "fanout", "takeover", "drain"];
     if let Some(o) = &only {
         anyhow::ensure!(known.contains(&o.as_str()), "unknown BENCH={o}; known: {known:?}");
     }
@@ -317,6 +409,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted("live") {
         live().await?;
+    }
+    if wanted("fanout") {
+        fanout().await?;
     }
     if wanted("takeover") {
         takeover().await?;
