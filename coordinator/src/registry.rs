@@ -8,10 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions, TlsOptions,
-    Txn, TxnOp,
-};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use herald_proto::settings::{EtcdConfig, InvalidSetting};
 use herald_proto::{
     Assignment, Cursor, Key, Keyspace, SubscriptionId, SubscriptionRecord, WorkerId, WorkerInfo,
@@ -78,28 +75,11 @@ fn parse<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, R
         .map_err(|e| RegistryError::BadValue { key: key.to_owned(), message: e.to_string() })
 }
 
-/// etcd connect options carrying the configured user and TLS material (files read now, so a
-/// reconnect picks up rotated certificates).
-fn credential_options(config: &EtcdConfig) -> Result<ConnectOptions, InvalidSetting> {
-    let secrets = config.read_secrets()?;
-    let mut options = ConnectOptions::new();
-    if let Some((user, password)) = secrets.user {
-        options = options.with_user(user, password);
-    }
-    if let Some(ca) = secrets.ca_pem {
-        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
-        if let Some((cert, key)) = secrets.identity {
-            tls = tls.identity(Identity::from_pem(cert, key));
-        }
-        options = options.with_tls(tls);
-    }
-    Ok(options)
-}
-
 impl Registry {
     /// Connects (one attempt; the caller retries).
     pub async fn connect(config: &EtcdConfig, keys: Keyspace) -> Result<Self, RegistryError> {
-        let options = credential_options(config)?
+        let options = config
+            .connect_options()?
             .with_connect_timeout(config.connect_timeout)
             .with_timeout(config.request_timeout);
         let mut client = Client::connect(&config.endpoints, Some(options)).await?;

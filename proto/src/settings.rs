@@ -121,6 +121,26 @@ impl EtcdConfig {
         Ok(())
     }
 
+    /// etcd client options carrying the configured user and TLS material (files read now, so
+    /// a reconnect picks up rotated certificates).
+    #[cfg(feature = "etcd")]
+    pub fn connect_options(&self) -> Result<etcd_client::ConnectOptions, InvalidSetting> {
+        use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
+        let secrets = self.read_secrets()?;
+        let mut options = ConnectOptions::new();
+        if let Some((user, password)) = secrets.user {
+            options = options.with_user(user, password);
+        }
+        if let Some(ca) = secrets.ca_pem {
+            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
+            if let Some((cert, key)) = secrets.identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(tls);
+        }
+        Ok(options)
+    }
+
     /// Reads the password, CA and client certificate files; errors name the key.
     pub fn read_secrets(&self) -> Result<EtcdSecrets, InvalidSetting> {
         self.validate_credentials()?;

@@ -10,10 +10,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn, TxnOp,
-    WatchOptions, WatchStream,
-};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions, WatchStream};
 use herald_proto::settings::{EtcdConfig, InvalidSetting};
 use herald_proto::{Assignment, Cursor, Key, Keyspace, SubscriptionId, SubscriptionRecord, WorkerId};
 
@@ -76,24 +73,6 @@ pub trait CursorStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
-/// etcd connect options carrying the configured user and TLS material (files read now, so a
-/// reconnect picks up rotated certificates).
-fn credential_options(config: &EtcdConfig) -> Result<ConnectOptions, InvalidSetting> {
-    let secrets = config.read_secrets()?;
-    let mut options = ConnectOptions::new();
-    if let Some((user, password)) = secrets.user {
-        options = options.with_user(user, password);
-    }
-    if let Some(ca) = secrets.ca_pem {
-        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
-        if let Some((cert, key)) = secrets.identity {
-            tls = tls.identity(Identity::from_pem(cert, key));
-        }
-        options = options.with_tls(tls);
-    }
-    Ok(options)
-}
-
 /// herald's etcd adapter for the worker.
 #[derive(Clone)]
 pub struct EtcdStore {
@@ -104,7 +83,8 @@ pub struct EtcdStore {
 impl EtcdStore {
     /// Connects (one attempt; the caller retries).
     pub async fn connect(config: &EtcdConfig, keys: Keyspace) -> Result<Self, StoreError> {
-        let options = credential_options(config)?
+        let options = config
+            .connect_options()?
             .with_connect_timeout(config.connect_timeout)
             .with_timeout(config.request_timeout)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
