@@ -7,8 +7,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
 use herald_proto::{ChainId, Keyspace};
 use serde::{Deserialize, Serialize};
 
@@ -160,24 +158,10 @@ impl Default for Config {
     }
 }
 
-/// A configuration that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The sources could not be read or deserialised (the message names the key).
-    #[error("invalid configuration: {0}")]
-    Load(#[from] Box<figment::Error>),
-    /// A value deserialised but is not acceptable.
-    #[error("invalid configuration: {key}: {message}")]
-    Invalid {
-        /// The offending key.
-        key: String,
-        /// What is wrong with it.
-        message: String,
-    },
-}
+pub use herald_proto::settings::ConfigError;
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), message: message.into() }
+    ConfigError::invalid(key, message)
 }
 
 /// The tokens the API checks, resolved from values or files.
@@ -197,15 +181,10 @@ impl Config {
         let mut config = Self::load_unvalidated(file)?;
         for (i, chain) in config.chains.iter_mut().enumerate() {
             if let Some(path) = &chain.rpc_urls_file {
-                let key = format!("chains[{i}].rpc_urls_file");
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| invalid(&key, format!("cannot read {}: {e}", path.display())))?;
-                chain.rpc_urls.extend(
-                    text.lines()
-                        .map(str::trim)
-                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                        .map(String::from),
-                );
+                chain.rpc_urls.extend(herald_proto::settings::read_url_file(
+                    &format!("chains[{i}].rpc_urls_file"),
+                    path,
+                )?);
             }
         }
         config.validate(true)?;
@@ -223,15 +202,7 @@ impl Config {
     }
 
     fn load_unvalidated(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        if let Some(file) = file {
-            if !file.exists() {
-                return Err(invalid("--config", format!("file {} does not exist", file.display())));
-            }
-            figment = figment.merge(Toml::file_exact(file));
-        }
-        figment = figment.merge(Env::prefixed("HERALD_").ignore(&["log", "config"]).split("__"));
-        Ok(figment.extract().map_err(Box::new)?)
+        herald_proto::settings::layered(Config::default(), file)
     }
 
     /// The etcd keyspace.

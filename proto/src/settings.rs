@@ -288,3 +288,67 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// A configuration that cannot be used; every message names the key.
+#[cfg(feature = "config")]
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The sources could not be read or deserialised.
+    #[error("invalid configuration: {0}")]
+    Load(Box<figment::Error>),
+    /// A value deserialised but is not acceptable.
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid {
+        /// The offending key, dotted.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+#[cfg(feature = "config")]
+impl ConfigError {
+    /// `key` has an unacceptable value.
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid { key: key.into(), message: message.into() }
+    }
+}
+
+#[cfg(feature = "config")]
+impl From<InvalidSetting> for ConfigError {
+    fn from(e: InvalidSetting) -> Self {
+        Self::Invalid { key: e.key, message: e.message }
+    }
+}
+
+/// The configuration of a herald binary: `defaults`, then the TOML `file` if given, then
+/// `HERALD_*` variables (`__` nests keys; `HERALD_LOG`, the log filter, and `HERALD_CONFIG`,
+/// the file's path, are not keys).
+#[cfg(feature = "config")]
+pub fn layered<T: serde::de::DeserializeOwned>(
+    defaults: impl Serialize,
+    file: Option<&std::path::Path>,
+) -> Result<T, ConfigError> {
+    use figment::providers::{Env, Format, Serialized, Toml};
+    let mut figment = figment::Figment::from(Serialized::defaults(defaults));
+    if let Some(file) = file {
+        if !file.exists() {
+            return Err(ConfigError::invalid("--config", format!("file {} does not exist", file.display())));
+        }
+        figment = figment.merge(Toml::file_exact(file));
+    }
+    figment = figment.merge(Env::prefixed("HERALD_").ignore(&["log", "config"]).split("__"));
+    figment.extract().map_err(|e| ConfigError::Load(Box::new(e)))
+}
+
+/// The URLs in a file named by `key`, one per line; blank lines and `#` comments skipped.
+pub fn read_url_file(key: &str, path: &std::path::Path) -> Result<Vec<String>, InvalidSetting> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect())
+}

@@ -8,8 +8,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
 use herald_proto::{ChainId, Keyspace, WorkerId};
 use serde::{Deserialize, Serialize};
 
@@ -170,24 +168,10 @@ fn default_request_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
-/// A configuration that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The sources could not be read or deserialised (the message names the key).
-    #[error("invalid configuration: {0}")]
-    Load(#[from] Box<figment::Error>),
-    /// A value deserialised but is not acceptable.
-    #[error("invalid configuration: {key}: {message}")]
-    Invalid {
-        /// The offending key, dotted.
-        key: String,
-        /// What is wrong with it.
-        message: String,
-    },
-}
+pub use herald_proto::settings::ConfigError;
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), message: message.into() }
+    ConfigError::invalid(key, message)
 }
 
 impl Config {
@@ -196,7 +180,10 @@ impl Config {
         let mut config = Self::load_unvalidated(file)?;
         for (i, chain) in config.chains.iter_mut().enumerate() {
             if let Some(path) = &chain.rpc_urls_file {
-                chain.rpc_urls.extend(read_url_file(&format!("chains[{i}].rpc_urls_file"), path)?);
+                chain.rpc_urls.extend(herald_proto::settings::read_url_file(
+                    &format!("chains[{i}].rpc_urls_file"),
+                    path,
+                )?);
             }
         }
         config.validate(true)?;
@@ -222,16 +209,7 @@ impl Config {
     }
 
     fn load_unvalidated(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(Defaults::default()));
-        if let Some(file) = file {
-            if !file.exists() {
-                return Err(invalid("--config", format!("file {} does not exist", file.display())));
-            }
-            figment = figment.merge(Toml::file_exact(file));
-        }
-        // HERALD_LOG (the log filter) and HERALD_CONFIG (the file path) are not config keys.
-        figment = figment.merge(Env::prefixed("HERALD_").ignore(&["log", "config"]).split("__"));
-        Ok(figment.extract().map_err(Box::new)?)
+        herald_proto::settings::layered(Defaults::default(), file)
     }
 
     /// The etcd keyspace this worker uses.
@@ -304,17 +282,6 @@ impl Config {
 }
 
 /// The URLs in `path`: one per line, blank lines and `#` comments skipped.
-fn read_url_file(key: &str, path: &Path) -> Result<Vec<String>, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(String::from)
-        .collect())
-}
-
 /// The defaults layer: everything but `worker_id`, which has no sensible default.
 #[derive(Serialize, Default)]
 struct Defaults {
