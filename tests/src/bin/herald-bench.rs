@@ -275,7 +275,13 @@ async fn live() -> anyhow::Result<()> {
             }
         }
     });
-    // Warm up: the subscription's cursor is pinned and a first block delivered.
+    // Warm up: the subscription's `latest` start is pinned, then a first block delivered.
+    wait_for("the live subscription to pin its start", TIMEOUT, || {
+        let etcd = stack.etcd.client();
+        let id = spec.id.clone();
+        async move { read_cursor(&mut etcd.await.ok()?, &id).await.ok()?.map(|_| ()) }
+    })
+    .await?;
     stack.chain.emit_many(1).await?;
     tokio::time::timeout(TIMEOUT, arrivals.recv()).await?;
     let mut latencies = Vec::with_capacity(BLOCKS);
