@@ -189,7 +189,7 @@ impl Config {
         }
         config.validate(true)?;
         // The credential files must be readable now (they are read again at each connect).
-        config.etcd.read_secrets().map_err(|e| invalid(e.key, e.message))?;
+        config.etcd.read_secrets()?;
         Ok(config)
     }
 

@@ -188,7 +188,7 @@ impl Config {
         }
         config.validate(true)?;
         // The credential files must be readable now (they are read again at each connect).
-        config.etcd.read_secrets().map_err(|e| invalid(e.key, e.message))?;
+        config.etcd.read_secrets()?;
         for (key, path) in
             [("nats.creds_file", &config.nats.creds_file), ("nats.tls_ca_file", &config.nats.tls_ca_file)]
         {
