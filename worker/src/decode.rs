@@ -47,6 +47,39 @@ pub fn envelope(
     }
 }
 
+/// Turns one subscription's logs into its envelopes, stamped with the registration and
+/// rewind epoch they are published under. Cheap to clone: read-ahead tasks decode on their
+/// own while the subscription publishes.
+#[derive(Clone)]
+pub struct Decoder {
+    /// The subscription's chain.
+    pub chain_id: ChainId,
+    /// The subscription.
+    pub subscription_id: SubscriptionId,
+    /// Its compiled event.
+    pub event: std::sync::Arc<CompiledEvent>,
+    /// Which registration of the id this is.
+    pub registration: u64,
+    /// The rewind epoch being published.
+    pub epoch: u64,
+}
+
+impl Decoder {
+    /// The envelopes of the logs whose topics match the subscription's event and filters, in
+    /// the logs' order.
+    pub fn envelopes(&self, logs: &[Log]) -> Vec<EventEnvelope> {
+        logs.iter()
+            .filter(|l| self.event.matches_topics(l.topics()))
+            .map(|log| {
+                let mut envelope = envelope(self.chain_id, &self.subscription_id, &self.event, log);
+                envelope.registration = self.registration;
+                envelope.rewind_epoch = self.epoch;
+                envelope
+            })
+            .collect()
+    }
+}
+
 /// Puts indexed and body values back in declaration order, keyed by parameter name
 /// (`arg<i>` for unnamed parameters).
 fn args_to_json(inputs: &[EventParam], decoded: DecodedEvent) -> Value {

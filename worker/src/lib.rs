@@ -13,6 +13,8 @@
 //! - [`heads`]: one head tracker per chain (socket or polling), its window of recent blocks.
 //! - [`live`]: merged live fetching, one `eth_getLogs` per new range for every subscription at
 //!   the head.
+//! - [`readahead`]: a subscription's validated `eth_getLogs`, and the read-ahead that keeps
+//!   several in flight (fetched and decoded) while it publishes history.
 //! - [`pipeline`]: one subscription's fetch -> decode -> publish -> commit loop.
 //! - [`membership`]: the leased registration under `<prefix>/workers/<id>`.
 //! - [`supervisor`]: one pipeline task per assigned subscription, following etcd.
@@ -32,6 +34,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod publish;
 pub mod ranges;
+pub mod readahead;
 pub mod retry;
 pub mod shutdown;
 pub mod store;

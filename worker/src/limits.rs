@@ -128,11 +128,14 @@ pub struct RangeSizer {
 
 /// Answers with fewer logs than this let the span grow.
 pub const SMALL_ANSWER: usize = 1_000;
-/// Answers with more logs than this make the span shrink: memory per range stays bounded
-/// whatever the contract's density.
+/// Answers with more logs than this make the span shrink, to what would have held
+/// [`TARGET_ANSWER`] logs: memory per range stays bounded whatever the contract's density.
 pub const LARGE_ANSWER: usize = 10_000;
-/// The first span, doubled while answers are small.
-pub const INITIAL_SPAN: u64 = 100;
+/// What a shrunk span aims at.
+pub const TARGET_ANSWER: usize = 5_000;
+/// The first span, doubled while answers are small. Small, because the first answer is the
+/// only one asked blind: ten blocks of the busiest contracts are still a modest answer.
+pub const INITIAL_SPAN: u64 = 10;
 
 impl RangeSizer {
     /// Starts small ([`INITIAL_SPAN`], or the maximum if lower).
@@ -151,7 +154,8 @@ impl RangeSizer {
         if logs < SMALL_ANSWER && requested >= self.span {
             self.span = self.span.saturating_mul(2).min(self.max);
         } else if logs > LARGE_ANSWER {
-            self.span = (requested / 2).max(1);
+            let fitting = u128::from(requested) * TARGET_ANSWER as u128 / logs as u128;
+            self.span = u64::try_from(fitting).unwrap_or(u64::MAX).clamp(1, self.max);
         }
     }
 
@@ -217,7 +221,7 @@ mod tests {
     fn refusals_shrink_and_small_answers_grow_back() {
         let mut s = RangeSizer::new(1000);
         assert_eq!(s.span(), INITIAL_SPAN);
-        for _ in 0..4 {
+        for _ in 0..7 {
             let span = s.span();
             s.answered(span, 10);
         }
@@ -230,8 +234,8 @@ mod tests {
         s.answered(20, 5000);
         assert_eq!(s.span(), 20, "a big answer does not grow the span");
         s.answered(20, 50_000);
-        assert_eq!(s.span(), 10, "a huge answer shrinks it");
-        s.answered(10, 5);
+        assert_eq!(s.span(), 2, "a huge answer shrinks it to what would have held TARGET_ANSWER");
+        s.answered(2, 5);
         for _ in 0..10 {
             let span = s.span();
             s.answered(span, 0);

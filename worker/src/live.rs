@@ -23,6 +23,9 @@ use crate::metrics::Metrics;
 
 type Interest = (Address, B256);
 
+/// Address chunks of one fill asked at the same time.
+const CONCURRENT_CHUNKS: usize = 4;
+
 #[derive(Debug)]
 struct CachedBlock {
     hash: B256,
@@ -136,6 +139,13 @@ impl<R: ChainRpc> LiveLogs<R> {
         Some(logs)
     }
 
+    async fn ask(&self, query: &LogQuery) -> Result<Vec<Log>, RpcError> {
+        let result = self.rpc.logs(query).await;
+        let outcome = result.as_ref().map_or_else(|e| e.outcome(), |_| "ok");
+        self.metrics.rpc_requests.with_label_values(&[&self.chain_id, "eth_getLogs", outcome]).inc();
+        result
+    }
+
     /// Fetches, for every current interest, the blocks of `from..=to` from the first one that
     /// cannot answer `interest` (missing, changed by a reorg, or fetched before it joined).
     async fn fill(&self, interest: &Interest, from: u64, to: u64, view: &ChainView) -> Result<(), RpcError> {
@@ -155,18 +165,22 @@ impl<R: ChainRpc> LiveLogs<R> {
         let mut topic0s: Vec<B256> = interests.iter().map(|(_, t)| *t).collect();
         topic0s.sort();
         topic0s.dedup();
-        let mut fetched: Vec<Log> = Vec::new();
-        for chunk in addresses.chunks(self.max_addresses) {
-            let query = LogQuery {
+        // The chunks are asked concurrently (a few at a time): every member at the head waits
+        // for this fill, so its latency is theirs.
+        let queries: Vec<LogQuery> = addresses
+            .chunks(self.max_addresses)
+            .map(|chunk| LogQuery {
                 from: start,
                 to,
                 addresses: chunk.to_vec(),
                 topics: [Some(topic0s.clone()), None, None, None],
-            };
-            let result = self.rpc.logs(&query).await;
-            let outcome = result.as_ref().map_or_else(|e| e.outcome(), |_| "ok");
-            self.metrics.rpc_requests.with_label_values(&[&self.chain_id, "eth_getLogs", outcome]).inc();
-            fetched.extend(result?);
+            })
+            .collect();
+        let mut fetched: Vec<Log> = Vec::new();
+        for group in queries.chunks(CONCURRENT_CHUNKS) {
+            for answer in futures::future::join_all(group.iter().map(|query| self.ask(query))).await {
+                fetched.extend(answer?);
+            }
         }
         // Only what the window vouches for is cached: logs of the canonical blocks, and no
         // block whose bloom announces an interest's log that the answer lacks.

@@ -7,6 +7,12 @@ use clap::Parser;
 use herald_worker::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+/// Every log becomes a few short-lived allocations (decoded values, JSON, headers) on several
+/// threads; mimalloc serves them at a fraction of glibc malloc's cost (a third of the
+/// worker's CPU in backfill profiles).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// herald worker: contract logs -> JetStream, with a fenced cursor in etcd.
 #[derive(Parser)]
 #[command(version)]

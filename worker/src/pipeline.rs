@@ -11,13 +11,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use alloy::rpc::types::Log;
 use alloy_primitives::B256;
 use herald_proto::{Checkpoint, CompiledEvent, Cursor, EventEnvelope, Rewind, StartBlock, SubscriptionSpec};
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::{BlockRef, ChainRpc, LogQuery, RpcError};
-use crate::decode;
+use crate::decode::Decoder;
 use crate::heads::{ChainView, Heads, TagState};
 use crate::limits::{RangeHint, RangeSizer};
 use crate::live::{LiveLogs, LiveMember};
@@ -25,6 +24,7 @@ use crate::membership::LeaseClock;
 use crate::metrics::Metrics;
 use crate::publish::{EventSink, PublishError};
 use crate::ranges::{confirmed_target, next_range};
+use crate::readahead::{Depth, RangeReader, ReadAhead};
 use crate::retry::{Backoff, pause, retry};
 use crate::store::{CursorStore, Ownership, StoreError};
 
@@ -76,11 +76,11 @@ pub struct SubscriptionTask<R, S, C> {
 /// How often a subscription whose ranges publish nothing commits its cursor.
 const IDLE_COMMIT_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Messages per atomic batch (the server accepts up to 1,000).
-const PUBLISH_BATCH: usize = 500;
+/// Messages per fast-ingest batch: what a failed batch publishes again at most.
+const PUBLISH_BATCH: usize = 10_000;
 
-/// How many `eth_getLogs` answers a range gets when blooms say logs are missing.
-const LOG_ATTEMPTS: u32 = 3;
+/// Fast-ingest attempts for a batch before its messages go one by one.
+const BATCH_ATTEMPTS: u32 = 2;
 
 /// Blocks of checkpoints kept in the cursor to find a common ancestor after a reorg.
 const REORG_WINDOW: u64 = 128;
@@ -138,6 +138,19 @@ impl Progress {
     }
 }
 
+/// How a task gets its logs: alone, shared with the chain's other subscriptions at the head,
+/// or read ahead while far behind it.
+struct Fetching<R: ChainRpc> {
+    /// Its own `eth_getLogs`.
+    reader: RangeReader<R>,
+    /// Its membership of the chain's shared live fetch, once at the head.
+    member: Option<LiveMember<R>>,
+    /// Ranges in flight while it backfills history.
+    ahead: Option<ReadAhead>,
+    /// How many of them.
+    depth: Depth,
+}
+
 enum Step {
     /// Made progress or has more to do right away.
     Continue,
@@ -190,7 +203,12 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
 
         let _finality = self.spec.finality.map(|_| self.heads.want_finality());
         let mut heads = self.heads.subscribe();
-        let mut member = None;
+        let mut fetching = Fetching {
+            reader: self.reader(progress.epoch),
+            member: None,
+            ahead: None,
+            depth: Depth::default(),
+        };
         let mut backoff = Backoff::network();
         loop {
             if drain.is_cancelled() {
@@ -204,7 +222,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 return Exit::Drained;
             }
             let view = heads.borrow_and_update().clone();
-            let step = self.step(&mut progress, &mut member, &view, &subject, &cancel).await;
+            let step = self.step(&mut progress, &mut fetching, &view, &subject, &cancel).await;
             match step {
                 Ok(Step::Continue) => backoff.reset(),
                 Ok(Step::Idle) => {
@@ -297,10 +315,31 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         }
     }
 
+    /// The task's own `eth_getLogs`, decoding in rewind epoch `epoch`.
+    fn reader(&self, epoch: u64) -> RangeReader<R> {
+        let mut topics: [Option<Vec<_>>; 4] = Default::default();
+        topics[0] = Some(vec![self.event.selector]);
+        topics[1..].clone_from_slice(&self.event.topic_filters);
+        RangeReader {
+            chain: self.chain.clone(),
+            metrics: self.metrics.clone(),
+            chain_label: self.spec.chain_id.to_string(),
+            addresses: vec![self.spec.address],
+            topics,
+            decoder: Decoder {
+                chain_id: self.spec.chain_id,
+                subscription_id: self.spec.id.clone(),
+                event: Arc::new(self.event.clone()),
+                registration: self.registration,
+                epoch,
+            },
+        }
+    }
+
     async fn step(
         &self,
         p: &mut Progress,
-        member: &mut Option<LiveMember<R>>,
+        fetching: &mut Fetching<R>,
         view: &ChainView,
         subject: &str,
         cancel: &CancellationToken,
@@ -310,10 +349,18 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             return Ok(Step::Idle);
         };
         self.metrics.observe_head(&labels, head, p.next, self.spec.confirmations);
+        // Below the head tracker's window is history, read ahead; each range read brings the
+        // hash of the block before it, which is how the cursor is checked there.
+        let window_floor = view.window.blocks().next().map_or(0, |b| b.number);
+        let in_history = p.next < window_floor;
+        if !in_history {
+            fetching.ahead = None;
+        }
         // Is what was processed still canonical? Checked against the head tracker's window
         // when recent, by asking the endpoint otherwise. A lagging endpoint (head below the
         // cursor) is not a reorg: wait for it.
-        if let Some(cursor) = p.cursor.clone()
+        if !in_history
+            && let Some(cursor) = p.cursor.clone()
             && !cursor.block_hash.is_zero()
             && cursor.block_number <= head
         {
@@ -343,15 +390,17 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 }
             }
         }
+        if in_history {
+            return self
+                .read_ahead(p, fetching, head, target.min(window_floor - 1), target, subject, cancel)
+                .await;
+        }
         let Some(range) = next_range(p.next, target, p.sizer.span()) else {
             return Ok(Step::Idle);
         };
         let (from, to) = (*range.start(), *range.end());
 
-        let mut topics: [Option<Vec<_>>; 4] = Default::default();
-        topics[0] = Some(vec![self.event.selector]);
-        topics[1..].clone_from_slice(&self.event.topic_filters);
-        let query = LogQuery { from, to, addresses: vec![self.spec.address], topics };
+        let query = fetching.reader.query(from, to);
         let Some(last_block) = self.canonical_block(view, to, cancel).await? else {
             return Ok(Step::Exit(Exit::Cancelled));
         };
@@ -360,39 +409,97 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         if let Some(live) = &self.live
             && view.block(from).is_some()
         {
-            let member = member.get_or_insert_with(|| live.join(self.spec.address, self.event.selector));
+            let member =
+                fetching.member.get_or_insert_with(|| live.join(self.spec.address, self.event.selector));
             let shared = tokio::select! {
                 _ = cancel.cancelled() => return Ok(Step::Exit(Exit::Cancelled)),
                 r = live.logs(member, from, to, view) => r,
             };
             if let Ok(Some(logs)) = shared {
-                return self.deliver(p, logs, to, last_block.hash, head, target, subject, cancel).await;
+                let envelopes = fetching.reader.decoder.envelopes(&logs);
+                return self.deliver(p, envelopes, to, last_block.hash, head, target, subject, cancel).await;
             }
         }
-        let logs = match self.fetch_logs(&query, view, &last_block, cancel).await {
+        let logs = match self.fetch_logs(&fetching.reader, &query, view, &last_block, cancel).await {
             Ok(Some(logs)) => logs,
             Ok(None) => return Ok(Step::Exit(Exit::Cancelled)),
-            Err(RpcError::RangeTooLarge { hint, .. }) if span > 1 => {
-                let next = p.sizer.refused(span, hint);
-                self.metrics.rpc_range_splits.with_label_values(&[&labels[0]]).inc();
-                tracing::debug!(
-                    from,
-                    to,
-                    ?hint,
-                    next_span = next,
-                    "provider refused the range; asking smaller"
-                );
-                return Ok(Step::Continue);
-            }
-            Err(e @ RpcError::Timeout { .. }) if span > 1 => {
-                p.sizer.refused(span, RangeHint::TooLarge);
-                self.metrics.rpc_range_splits.with_label_values(&[&labels[0]]).inc();
-                return Err(e);
-            }
-            Err(e) => return Err(e),
+            Err(e) => return self.refused(p, span, e),
         };
         p.sizer.answered(span, logs.len());
-        self.deliver(p, logs, to, last_block.hash, head, target, subject, cancel).await
+        let envelopes = fetching.reader.decoder.envelopes(&logs);
+        self.deliver(p, envelopes, to, last_block.hash, head, target, subject, cancel).await
+    }
+
+    /// History (below the head tracker's window, up to block `limit`): publishes the next
+    /// range of the read-ahead, keeping it topped up so the following ranges are fetched and
+    /// decoded meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    async fn read_ahead(
+        &self,
+        p: &mut Progress,
+        fetching: &mut Fetching<R>,
+        head: u64,
+        limit: u64,
+        target: u64,
+        subject: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Step, RpcError> {
+        if p.next > limit {
+            return Ok(Step::Idle);
+        }
+        let ahead = match &mut fetching.ahead {
+            Some(ahead) if ahead.expects() == p.next => ahead,
+            slot => slot.insert(ReadAhead::new(p.next)),
+        };
+        ahead.fill(&fetching.reader, limit, p.sizer.span(), fetching.depth.get());
+        let next = tokio::select! {
+            _ = cancel.cancelled() => return Ok(Step::Exit(Exit::Cancelled)),
+            next = ahead.next() => next,
+        };
+        let Some((span, result)) = next else {
+            return Ok(Step::Continue);
+        };
+        let range = match result {
+            Ok(range) => range,
+            Err(e) => {
+                // The ranges after a failed one are dropped with it: asked again, smaller if
+                // it was refused as too large.
+                fetching.ahead = None;
+                fetching.depth.failed();
+                return self.refused(p, span, e);
+            }
+        };
+        if let Some(cursor) = p.cursor.clone()
+            && !cursor.block_hash.is_zero()
+            && cursor.block_number + 1 == range.from
+            && range.parent_hash != cursor.block_hash
+        {
+            fetching.ahead = None;
+            return self.unwind(p, &cursor, subject, cancel).await;
+        }
+        fetching.depth.succeeded();
+        p.sizer.answered(span, range.logs);
+        self.deliver(p, range.envelopes, range.to, range.last_block.hash, head, target, subject, cancel).await
+    }
+
+    /// What a failed `eth_getLogs` of `span` blocks teaches the range sizer: a refusal or a
+    /// timeout asks smaller next time. `Ok(Continue)` to ask again at once, `Err` to back off.
+    fn refused(&self, p: &mut Progress, span: u64, e: RpcError) -> Result<Step, RpcError> {
+        let chain = self.spec.chain_id.to_string();
+        match e {
+            RpcError::RangeTooLarge { hint, .. } if span > 1 => {
+                let next = p.sizer.refused(span, hint);
+                self.metrics.rpc_range_splits.with_label_values(&[&chain]).inc();
+                tracing::debug!(span, ?hint, next_span = next, "provider refused the range; asking smaller");
+                Ok(Step::Continue)
+            }
+            e @ RpcError::Timeout { .. } if span > 1 => {
+                p.sizer.refused(span, RangeHint::TooLarge);
+                self.metrics.rpc_range_splits.with_label_values(&[&chain]).inc();
+                Err(e)
+            }
+            e => Err(e),
+        }
     }
 
     /// Publishes the subscription's logs of a range ending at block `to` (hash `to_hash`) and
@@ -401,7 +508,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
     async fn deliver(
         &self,
         p: &mut Progress,
-        logs: Vec<Log>,
+        envelopes: Vec<EventEnvelope>,
         to: u64,
         to_hash: B256,
         head: u64,
@@ -411,15 +518,15 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
     ) -> Result<Step, RpcError> {
         let labels = self.labels();
 
-        let mut envelopes = Vec::with_capacity(logs.len());
-        for log in logs.iter().filter(|l| self.event.matches_topics(l.topics())) {
-            let mut envelope = decode::envelope(self.spec.chain_id, &self.spec.id, &self.event, log);
-            envelope.rewind_epoch = p.epoch;
-            envelope.registration = self.registration;
-            if p.published_through.is_some_and(|through| envelope.position() <= through) {
-                continue;
+        // What a previous owner already stored (the stream's tail at start) is skipped.
+        let mut envelopes = envelopes;
+        if let Some(through) = p.published_through {
+            envelopes.retain(|e| e.position() > through);
+            if !envelopes.is_empty() {
+                p.published_through = None;
             }
-            p.published_through = None;
+        }
+        for envelope in &envelopes {
             if let Some(error) = &envelope.decode_error {
                 self.metrics.decode_failures.with_label_values(&labels).inc();
                 tracing::warn!(
@@ -429,9 +536,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                     "log does not decode with the subscription's ABI; publishing it raw, flagged"
                 );
             }
-            envelopes.push(envelope);
         }
-        drop(logs);
         for batch in envelopes.chunks(PUBLISH_BATCH) {
             match self.publish_in_order(subject, batch, cancel).await {
                 Ok(sequence) => p.last_seq = p.last_seq.max(sequence),
@@ -463,17 +568,20 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         Ok(if to < target { Step::Continue } else { Step::Idle })
     }
 
-    /// Publishes `envelopes` in order and returns the stream sequence of the last one: as one
-    /// atomic batch when the stream takes it, else one by one (a batch is refused as a whole
-    /// when it holds a message already stored: a replay after a crash or takeover). `Err` if
-    /// cancelled or fenced first.
+    /// Publishes `envelopes` in order and returns the stream sequence of the last one: as a
+    /// fast-ingest batch, else one by one. A failed batch stored a prefix of its messages, so
+    /// each attempt publishes all of them again and the stored ones are dropped as duplicates.
+    /// `Err` if cancelled or fenced first.
     async fn publish_in_order(
         &self,
         subject: &str,
         envelopes: &[EventEnvelope],
         cancel: &CancellationToken,
     ) -> Result<u64, Exit> {
-        if envelopes.len() > 1 {
+        for attempt in 1..=BATCH_ATTEMPTS {
+            if envelopes.len() < 2 {
+                break;
+            }
             self.check_lease()?;
             let timer = self.metrics.publish_timer(&self.labels()[0], envelopes.len());
             let result = tokio::select! {
@@ -488,8 +596,9 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 }
                 Err(e) => tracing::debug!(
                     error = %e,
+                    attempt,
                     messages = envelopes.len(),
-                    "atomic batch not stored; publishing its messages one by one"
+                    "batch not wholly stored; publishing it again"
                 ),
             }
         }
@@ -695,69 +804,26 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         }
     }
 
-    /// `eth_getLogs`, not trusted to be complete or canonical. Every log must come from the
-    /// canonical block known for its height (else the chain is reorganising under the call:
-    /// retried). A known block whose `logsBloom` says it may hold a matching log, but which
-    /// got none, makes the answer suspect: it is asked again (answers merged) up to
-    /// [`LOG_ATTEMPTS`] times before the bloom is taken for a false positive. Known blocks
-    /// are the head tracker's window (where endpoints behind load balancers serve answers
-    /// whose log index lags their head) and the range's last block. `Ok(None)` if cancelled.
+    /// The range's logs through [`RangeReader::logs`], checked against the canonical blocks
+    /// known for it: the head tracker's window (where endpoints behind load balancers serve
+    /// answers whose log index lags their head) and the range's last block. `Ok(None)` if
+    /// cancelled.
     async fn fetch_logs(
         &self,
+        reader: &RangeReader<R>,
         query: &LogQuery,
         view: &ChainView,
         last_block: &BlockRef,
         cancel: &CancellationToken,
-    ) -> Result<Option<Vec<Log>>, RpcError> {
-        let known =
-            |number: u64| if number == last_block.number { Some(last_block) } else { view.block(number) };
-        let mut merged: BTreeMap<(u64, u64), Log> = BTreeMap::new();
-        for attempt in 1..=LOG_ATTEMPTS {
-            let Some(logs) = self.call(self.chain.logs(query), "eth_getLogs", cancel).await? else {
-                return Ok(None);
-            };
-            for log in logs {
-                let (number, index) =
-                    (log.block_number.unwrap_or_default(), log.log_index.unwrap_or_default());
-                if let Some(block) = known(number)
-                    && log.block_hash != Some(block.hash)
-                {
-                    return Err(RpcError::BadAnswer {
-                        method: "eth_getLogs",
-                        message: format!(
-                            "log from block {number} {:?}, but the canonical block is {}: the chain is reorganising",
-                            log.block_hash, block.hash
-                        ),
-                    });
-                }
-                merged.insert((number, index), log);
-            }
-            let suspect: Vec<u64> = view
-                .window
-                .range(query.from, query.to)
-                .chain(std::iter::once(last_block))
-                .filter(|b| query.addresses.iter().any(|a| b.may_contain(a, &query.topics)))
-                .filter(|b| merged.range((b.number, 0)..=(b.number, u64::MAX)).next().is_none())
-                .map(|b| b.number)
-                .collect();
-            if suspect.is_empty() {
-                break;
-            }
-            if attempt < LOG_ATTEMPTS {
-                self.metrics.incomplete_log_answers.with_label_values(&[&self.labels()[0]]).inc();
-                tracing::debug!(
-                    ?suspect,
-                    attempt,
-                    "logsBloom says logs are missing from the answer; asking again"
-                );
-            } else {
-                tracing::debug!(
-                    ?suspect,
-                    "logsBloom matched but no logs after {LOG_ATTEMPTS} answers: false positive"
-                );
-            }
+    ) -> Result<Option<Vec<alloy::rpc::types::Log>>, RpcError> {
+        let mut known: Vec<BlockRef> = view.window.range(query.from, query.to).copied().collect();
+        if known.last().is_none_or(|b| b.number != last_block.number) {
+            known.push(*last_block);
         }
-        Ok(Some(merged.into_values().collect()))
+        tokio::select! {
+            _ = cancel.cancelled() => Ok(None),
+            logs = reader.logs(query, &known) => logs.map(Some),
+        }
     }
 
     /// Commits the cursor, retrying etcd failures; `Err(exit)` when fenced or cancelled.
@@ -860,6 +926,10 @@ mod tests {
         /// Every n-th `eth_getLogs` answer is empty, like a load-balanced endpoint whose log
         /// index lags its head.
         empty_every: Option<usize>,
+        /// Ranges over this many blocks are refused, naming the limit.
+        max_range: Option<u64>,
+        /// Every n-th `eth_getLogs` fails like a dropped connection.
+        fail_every: Option<usize>,
         log_calls: Mutex<usize>,
     }
 
@@ -900,6 +970,14 @@ mod tests {
             if self.empty_every.is_some_and(|n| call.is_multiple_of(n)) {
                 return Ok(vec![]);
             }
+            if self.fail_every.is_some_and(|n| call.is_multiple_of(n)) {
+                return Err(RpcError::Transport { method: "eth_getLogs", message: "dropped".into() });
+            }
+            if let Some(max) = self.max_range
+                && q.to - q.from + 1 > max
+            {
+                return Err(RpcError::RangeTooLarge { method: "eth_getLogs", hint: RangeHint::MaxSpan(max) });
+            }
             Ok(self
                 .logs
                 .iter()
@@ -938,25 +1016,27 @@ mod tests {
             }
             Ok(Stored { sequence: stored.len() as u64, duplicate })
         }
+        /// Like the server's fast-ingest batch: stores in order, drops duplicates, and stops at
+        /// the first failure, having stored a prefix.
         async fn publish_batch(&self, _subject: &str, batch: &[EventEnvelope]) -> Result<u64, PublishError> {
-            let calls = {
-                let mut calls = self.calls.lock().unwrap();
-                let first = *calls + 1;
-                *calls += batch.len();
-                first..=*calls
-            };
-            if self.fail_calls.iter().any(|c| calls.contains(c)) {
-                return Err(PublishError::Nats("injected".into()));
+            for e in batch {
+                let call = {
+                    let mut calls = self.calls.lock().unwrap();
+                    *calls += 1;
+                    *calls
+                };
+                if self.fail_calls.contains(&call) {
+                    return Err(PublishError::Nats("injected gap".into()));
+                }
+                if let Some(max) = self.max_data.filter(|max| e.data.len() > *max) {
+                    return Err(PublishError::TooLarge { size: e.data.len(), max });
+                }
+                let mut stored = self.stored.lock().unwrap();
+                if !stored.iter().any(|s| s.msg_id() == e.msg_id()) {
+                    stored.push(e.clone());
+                }
             }
-            if self.max_data.is_some_and(|max| batch.iter().any(|e| e.data.len() > max)) {
-                return Err(PublishError::Nats("too large".into()));
-            }
-            let mut stored = self.stored.lock().unwrap();
-            if batch.iter().any(|e| stored.iter().any(|s| s.msg_id() == e.msg_id())) {
-                return Err(PublishError::Nats("atomic publish batch contains duplicate message id".into()));
-            }
-            stored.extend(batch.iter().cloned());
-            Ok(stored.len() as u64)
+            Ok(self.stored.lock().unwrap().len() as u64)
         }
         async fn last_published(&self, _subject: &str) -> Result<Option<EventEnvelope>, PublishError> {
             Ok(self.stored.lock().unwrap().last().cloned())
@@ -1090,7 +1170,11 @@ mod tests {
         let handle = tokio::spawn(t.run(cancel.clone(), CancellationToken::new()));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while store.commits.lock().unwrap().last().is_none_or(|c| c.block_number < block) {
-            assert!(tokio::time::Instant::now() < deadline, "cursor never reached {block}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "cursor never reached {block}: {:?}",
+                store.commits.lock().unwrap().last().map(|c| c.block_number)
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         cancel.cancel();
@@ -1122,6 +1206,31 @@ mod tests {
                 let commits = store.commits.lock().unwrap();
                 assert!(commits.windows(2).all(|w| w[0].block_number < w[1].block_number));
             }
+        }
+    }
+
+    /// History far below the head goes through the read-ahead: several ranges in flight while
+    /// one publishes, refusals and dropped calls discarding what was read after them.
+    #[tokio::test]
+    async fn history_read_ahead_delivers_in_order_through_refusals_failures_and_publish_errors() {
+        let blocks: Vec<(u64, usize)> =
+            (1..=600).filter(|b| b % 7 == 3).map(|b| (b, (b % 3) as usize)).collect();
+        let total: usize = blocks.iter().map(|b| b.1).sum();
+        for (fail_at, fail_every) in [(3, Some(5)), (11, None), (40, Some(4))] {
+            let sink = Arc::new(FakeSink { fail_calls: vec![fail_at, fail_at + 1], ..Default::default() });
+            let store = Arc::new(FakeStore {
+                sink: sink.clone(),
+                commits: Mutex::default(),
+                fenced: false,
+                logs_by_block: blocks.iter().copied().collect(),
+            });
+            let chain =
+                FakeChain { max_range: Some(13), fail_every, ..FakeChain::new(600, transfer_logs(&blocks)) };
+            run_until_cursor(task(chain, sink.clone(), store.clone(), 50), &store, 600).await;
+            let want: Vec<String> = (0..total).map(|i| i.to_string()).collect();
+            assert_eq!(values(&sink), want, "fail_at={fail_at} fail_every={fail_every:?}");
+            let commits = store.commits.lock().unwrap();
+            assert!(commits.windows(2).all(|w| w[0].block_number < w[1].block_number));
         }
     }
 

@@ -3,13 +3,19 @@
 //! Each message carries `Nats-Msg-Id` (see [`herald_proto::msg_id`]), so any redelivery
 //! inside the stream's duplicate window is dropped by the server.
 //!
-//! Order is never left to luck. Messages of one subscription go out either as an **atomic
-//! batch** (JetStream ADR-50: the server stores all of them, in order, or none) or one at a
-//! time, each acknowledged before the next is sent. Pipelining plain publishes would not do: a
-//! message lost in a connection drop can be followed by a later one stored after the
-//! reconnect. A batch is the fast path; when it is refused (it holds a message the stream
-//! already has, after a crash or takeover; or the connection dropped) its messages are
-//! published one by one, where duplicates are dropped individually.
+//! Order is never left to luck. Messages of one subscription go out either as a **fast-ingest
+//! batch** or one at a time, each acknowledged before the next is sent. Pipelining plain
+//! publishes would not do: a message lost in a connection drop (or a stream leader change)
+//! can be followed by a later one stored after the reconnect.
+//!
+//! A fast-ingest batch (JetStream ADR-50, nats-server 2.14+, `allow_batched` on the stream)
+//! streams messages without waiting for each ack: every message carries its position in the
+//! batch, the server stores them as they arrive and acknowledges every `flow` of them, and
+//! the publisher keeps at most two flows unacknowledged (so a slow stream holds it back). In
+//! gap mode `fail`, a message missing from the sequence ends the batch: what the server
+//! stored is always a prefix of what was sent. Publishing the same messages again after an
+//! error is therefore safe and keeps the order: the stored prefix is dropped as duplicates
+//! (their message ids), the rest follows it.
 
 use std::future::Future;
 use std::time::Duration;
@@ -66,8 +72,9 @@ pub trait EventSink: Send + Sync + 'static {
         envelope: &EventEnvelope,
     ) -> impl Future<Output = Result<Stored, PublishError>> + Send;
 
-    /// Publishes `envelopes` as one atomic batch: all stored, in order, or none. Returns the
-    /// stream sequence of the last one. Refused as a whole if any of them is already stored.
+    /// Publishes `envelopes` in order, pipelined, as one fast-ingest batch, and returns the
+    /// stream sequence of the last one. On error, a prefix of them may be stored: publishing
+    /// them all again (stored ones are dropped as duplicates) keeps the order.
     fn publish_batch(
         &self,
         subject: &str,
@@ -116,7 +123,7 @@ impl JetStreamSink {
             max_age: config.max_age,
             num_replicas: config.replicas,
             allow_direct: true,
-            allow_atomic_publish: true,
+            allow_batch_publish: true,
             ..Default::default()
         };
         self.js.create_or_update_stream(wanted).await.map_err(|e| PublishError::Nats(e.to_string()))?;
@@ -142,54 +149,170 @@ impl JetStreamSink {
     }
 }
 
-/// Ids of atomic batches: unique per process and attempt.
-fn next_batch_id() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    static NONCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let nonce = NONCE.get_or_init(|| {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        now.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
-    });
-    format!("herald-{nonce:x}-{}", COUNTER.fetch_add(1, Ordering::Relaxed))
+/// Messages per flow acknowledgement asked of the server in a fast-ingest batch.
+const FAST_FLOW: u16 = 500;
+
+/// Flows a fast-ingest batch may have unacknowledged before the publisher waits.
+const FAST_OUTSTANDING_FLOWS: u64 = 2;
+
+/// What the server says on a fast-ingest batch's reply inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FastReply {
+    /// Stored through batch position `through`; acknowledge every `flow` messages from now.
+    Flow { through: u64, flow: u64 },
+    /// The batch is over: its last message has stream sequence `sequence`.
+    Done { sequence: u64 },
+    /// The batch failed (a gap, a refused message, an unknown batch, a disabled stream).
+    Failed(String),
+}
+
+impl FastReply {
+    fn parse(payload: &[u8]) -> Self {
+        let Ok(reply) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            return Self::Failed(format!("unreadable reply {:?}", String::from_utf8_lossy(payload)));
+        };
+        let number = |key: &str| reply.get(key).and_then(serde_json::Value::as_u64);
+        match reply.get("type").and_then(serde_json::Value::as_str) {
+            Some("ack") => {
+                Self::Flow { through: number("seq").unwrap_or(0), flow: number("msgs").unwrap_or(1) }
+            }
+            Some("gap") => Self::Failed(format!(
+                "gap in the batch: message {} missing before {}",
+                number("last_seq").unwrap_or(0) + 1,
+                number("seq").unwrap_or(0)
+            )),
+            Some(_) => Self::Failed(format!("batch refused: {}", reply.get("error").unwrap_or(&reply))),
+            None => match (reply.get("error"), number("seq")) {
+                (None, Some(sequence)) => Self::Done { sequence },
+                (error, _) => Self::Failed(format!("batch refused: {}", error.unwrap_or(&reply))),
+            },
+        }
+    }
+}
+
+/// The publisher's side of a fast-ingest batch's flow control. Pure.
+#[derive(Debug)]
+struct FastFlow {
+    /// Highest batch position the server acknowledged.
+    acked: u64,
+    /// Messages per acknowledgement, as the server set it.
+    flow: u64,
+    /// The server answered the batch's first message.
+    started: bool,
+}
+
+impl FastFlow {
+    fn new() -> Self {
+        Self { acked: 0, flow: u64::from(FAST_FLOW), started: false }
+    }
+
+    /// Whether batch position `next` must wait for acknowledgements first.
+    fn must_wait(&self, next: u64) -> bool {
+        (next > 1 && !self.started) || next > self.acked + self.flow * FAST_OUTSTANDING_FLOWS
+    }
+
+    /// Takes in a reply; `Some` when the batch is over.
+    fn apply(&mut self, reply: FastReply) -> Option<Result<u64, String>> {
+        self.started = true;
+        match reply {
+            FastReply::Flow { through, flow } => {
+                self.acked = self.acked.max(through);
+                self.flow = flow.max(1);
+                None
+            }
+            FastReply::Done { sequence } => Some(Ok(sequence)),
+            FastReply::Failed(reason) => Some(Err(reason)),
+        }
+    }
+
+    /// Takes in a reply's payload: `Ok(Some(sequence))` when the batch is done.
+    fn take(&mut self, payload: &[u8]) -> Result<Option<u64>, PublishError> {
+        self.apply(FastReply::parse(payload)).transpose().map_err(PublishError::Nats)
+    }
+}
+
+/// Operation codes of fast-ingest reply subjects.
+#[derive(Debug, Clone, Copy)]
+enum FastOp {
+    Start = 0,
+    Append = 1,
+    Commit = 2,
+    /// Ends the batch without storing the (empty) message.
+    EndWithout = 3,
+}
+
+/// The reply subject that carries a message's batch position and operation.
+fn fast_reply_subject(inbox: &str, position: u64, op: FastOp) -> String {
+    format!("{inbox}.{FAST_FLOW}.fail.{position}.{}.$FI", op as u8)
 }
 
 impl EventSink for JetStreamSink {
     async fn publish_batch(&self, subject: &str, envelopes: &[EventEnvelope]) -> Result<u64, PublishError> {
+        use futures::{FutureExt, StreamExt};
         let nats = |e: &dyn std::fmt::Display| PublishError::Nats(e.to_string());
-        let batch_id = next_batch_id();
-        let count = envelopes.len();
-        let mut messages = Vec::with_capacity(count);
-        for (i, envelope) in envelopes.iter().enumerate() {
-            let mut message = self
-                .message(envelope)?
-                .header("Nats-Batch-Id", batch_id.as_str())
-                .header("Nats-Batch-Sequence", (i + 1).to_string().as_str());
-            if i + 1 == count {
-                message = message.header("Nats-Batch-Commit", "1");
+        let client = self.js.client();
+        let inbox = client.new_inbox();
+        let mut replies = client.subscribe(format!("{inbox}.>")).await.map_err(|e| nats(&e))?;
+        let mut flow = FastFlow::new();
+        let timeout = self.ack_timeout;
+        let next_reply = async |flow: &mut FastFlow, replies: &mut async_nats::Subscriber| {
+            let reply = tokio::time::timeout(timeout, replies.next())
+                .await
+                .map_err(|_| PublishError::AckTimeout(timeout))?
+                .ok_or_else(|| PublishError::Nats("batch reply inbox closed".into()))?;
+            flow.take(&reply.payload)
+        };
+        let last = envelopes.len() as u64;
+        for (position, envelope) in (1..).zip(envelopes) {
+            while flow.must_wait(position) {
+                if let Some(sequence) = next_reply(&mut flow, &mut replies).await? {
+                    return Err(PublishError::Nats(format!(
+                        "batch ended early at stream sequence {sequence}"
+                    )));
+                }
             }
-            messages.push(message);
+            let message = match self.message(envelope) {
+                Ok(message) => message,
+                Err(e) => {
+                    // End what was sent so far (storing nothing more) before giving up.
+                    if position > 1 {
+                        let end = fast_reply_subject(&inbox, position, FastOp::EndWithout);
+                        let _ = client.publish_with_reply(subject.to_owned(), end, Bytes::new()).await;
+                    }
+                    return Err(e);
+                }
+            };
+            let op = match position {
+                1 if last > 1 => FastOp::Start,
+                p if p == last => FastOp::Commit,
+                _ => FastOp::Append,
+            };
+            let outbound = message.outbound_message(subject.to_owned());
+            client
+                .publish_with_reply_and_headers(
+                    subject.to_owned(),
+                    fast_reply_subject(&inbox, position, op),
+                    outbound.headers.unwrap_or_default(),
+                    outbound.payload,
+                )
+                .await
+                .map_err(|e| nats(&e))?;
+            while let Some(Some(reply)) = replies.next().now_or_never() {
+                match flow.take(&reply.payload)? {
+                    None => {}
+                    Some(sequence) if position == last => return Ok(sequence),
+                    Some(sequence) => {
+                        return Err(PublishError::Nats(format!(
+                            "batch ended early at stream sequence {sequence}"
+                        )));
+                    }
+                }
+            }
         }
-        let Some(commit) = messages.pop() else {
-            return Err(PublishError::Nats("empty batch".into()));
-        };
-        let send = async {
-            let client = self.js.client();
-            for message in messages {
-                let outbound = message.outbound_message(subject.to_owned());
-                let headers = outbound.headers.unwrap_or_default();
-                client
-                    .publish_with_headers(subject.to_owned(), headers, outbound.payload)
-                    .await
-                    .map_err(|e| nats(&e))?;
+        loop {
+            if let Some(sequence) = next_reply(&mut flow, &mut replies).await? {
+                return Ok(sequence);
             }
-            let pending = self.js.send_publish(subject.to_owned(), commit).await.map_err(|e| nats(&e))?;
-            pending.await.map_err(|e| nats(&e))
-        };
-        match tokio::time::timeout(self.ack_timeout, send).await {
-            Err(_) => Err(PublishError::AckTimeout(self.ack_timeout)),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(ack)) => Ok(ack.sequence),
         }
     }
 
@@ -266,5 +389,46 @@ impl EventSink for JetStreamSink {
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(PublishError::Nats(e.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_ingest_replies() {
+        assert_eq!(
+            FastReply::parse(br#"{"type":"ack","seq":0,"msgs":500}"#),
+            FastReply::Flow { through: 0, flow: 500 }
+        );
+        assert_eq!(
+            FastReply::parse(br#"{"stream":"HERALD","seq":300,"batch":"x","count":300}"#),
+            FastReply::Done { sequence: 300 }
+        );
+        for failed in [
+            &br#"{"type":"gap","last_seq":4,"seq":6}"#[..],
+            br#"{"type":"err","seq":7,"error":{"code":400,"err_code":10211,"description":"too many"}}"#,
+            br#"{"error":{"code":400,"err_code":10205,"description":"batch publish is disabled"}}"#,
+            b"not json",
+        ] {
+            assert!(matches!(FastReply::parse(failed), FastReply::Failed(_)), "{failed:?}");
+        }
+    }
+
+    #[test]
+    fn fast_ingest_flow_control_keeps_two_flows_in_flight() {
+        let mut flow = FastFlow::new();
+        assert!(!flow.must_wait(1), "the first message goes at once");
+        assert!(flow.must_wait(2), "the rest waits for the server to answer it");
+        assert_eq!(flow.apply(FastReply::Flow { through: 0, flow: 100 }), None);
+        assert!(!flow.must_wait(200));
+        assert!(flow.must_wait(201));
+        assert_eq!(flow.apply(FastReply::Flow { through: 100, flow: 100 }), None);
+        assert!(!flow.must_wait(300));
+        assert_eq!(flow.apply(FastReply::Flow { through: 50, flow: 100 }), None);
+        assert!(!flow.must_wait(300), "an older ack never shrinks the window");
+        assert_eq!(flow.apply(FastReply::Done { sequence: 9 }), Some(Ok(9)));
+        assert!(matches!(flow.apply(FastReply::Failed("gap".into())), Some(Err(_))));
     }
 }

@@ -203,6 +203,62 @@ async fn raw_publish(stack: &Stack, sample: &[u8], count: u64) -> anyhow::Result
     Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Raw throughput of ordered, pipelined publishing of the same payloads: one fast-ingest batch
+/// (ADR-50, flow acks every 500 messages, two flows in flight, gap mode `fail`), the protocol
+/// herald publishes history with. Not the ceiling (that is plain async publishing, which
+/// cannot keep order through a dropped connection); shown for what strict order costs.
+async fn raw_ordered_publish(stack: &Stack, sample: &[u8], count: u64) -> anyhow::Result<f64> {
+    use futures::StreamExt;
+    const FLOW: u64 = 500;
+    let client = async_nats::connect(stack.nats.url()).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "BENCHORDERED".into(),
+        subjects: vec!["benchordered.>".into()],
+        allow_batch_publish: true,
+        ..Default::default()
+    })
+    .await?;
+    let payload = bytes::Bytes::copy_from_slice(sample);
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(format!("{inbox}.>")).await?;
+    let mut next_reply = async || -> anyhow::Result<serde_json::Value> {
+        let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("reply inbox closed"))?;
+        Ok(serde_json::from_slice(&reply.payload)?)
+    };
+    let started = Instant::now();
+    let (mut acked, mut flow, mut answered) = (0, FLOW, false);
+    for position in 1..=count {
+        while (position > 1 && !answered) || position > acked + 2 * flow {
+            let reply = next_reply().await?;
+            anyhow::ensure!(reply["type"] == "ack", "batch failed: {reply}");
+            answered = true;
+            acked = acked.max(reply["seq"].as_u64().unwrap_or(0));
+            flow = reply["msgs"].as_u64().unwrap_or(1).max(1);
+        }
+        let op = match position {
+            1 => 0,
+            p if p == count => 2,
+            _ => 1,
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("ordered-{position}").as_str());
+        let reply = format!("{inbox}.{FLOW}.fail.{position}.{op}.$FI");
+        client.publish_with_reply_and_headers("benchordered.x", reply, headers, payload.clone()).await?;
+    }
+    loop {
+        let reply = next_reply().await?;
+        match reply.get("type") {
+            None if reply.get("error").is_none() => break,
+            Some(t) if t == "ack" => {}
+            _ => anyhow::bail!("batch failed: {reply}"),
+        }
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
 async fn backfill() -> anyhow::Result<()> {
     let stack = Stack::start().await?;
     let first = stack.chain.head().await? + 1;
@@ -242,11 +298,12 @@ async fn backfill() -> anyhow::Result<()> {
     let sample =
         herald_tests::StreamReader::connect(&stack.nats.url()).await?.first_payload(&spec.subject()).await?;
     let publish_ceiling = raw_publish(&stack, &sample, total).await?;
+    let ordered = raw_ordered_publish(&stack, &sample, total).await?;
     let ceiling = rpc_ceiling.min(publish_ceiling);
     println!(
         "bench: backfill logs={total} seconds={seconds:.2} events_per_s={events_per_s:.0} \
          rpc_ceiling_per_s={rpc_ceiling:.0} rpc_best_span_blocks={best_span} publish_ceiling_per_s={publish_ceiling:.0} \
-         peak_rss_mb={:.1} target_ratio=0.8 target_rss_mb=300 ratio={:.3}",
+         ordered_publish_per_s={ordered:.0} peak_rss_mb={:.1} target_ratio=0.8 target_rss_mb=300 ratio={:.3}",
         peak_rss as f64 / 1e6,
         events_per_s / ceiling
     );

@@ -1,0 +1,265 @@
+//! Reading a subscription's logs: one validated `eth_getLogs` ([`RangeReader`]), and the
+//! read-ahead that keeps several of them in flight while a subscription far behind the head
+//! publishes ([`ReadAhead`]).
+//!
+//! Backfill is a pipeline of three stages that must overlap to approach what the endpoint and
+//! JetStream can do: fetching a range, decoding it, publishing it. The subscription task
+//! publishes range `k` while ranges `k+1..=k+FETCH_AHEAD` are fetched and decoded on their
+//! own tasks; they are handed back strictly in block order. Only [`FETCH_AHEAD`] ranges are
+//! ever held, so a slow JetStream holds the fetching back and memory stays bounded whatever
+//! the backlog.
+//!
+//! Only history below the head tracker's window is read ahead. Each range also brings the
+//! hash of the block before it, read with its logs, so the task still notices when a
+//! reorganisation reached that deep: its cursor's block is no longer the parent of what
+//! comes next. It then drops the read-ahead and unwinds as it does at the head.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use alloy::rpc::types::Log;
+use alloy_primitives::B256;
+use herald_proto::EventEnvelope;
+use tokio::task::JoinHandle;
+
+use crate::chain::{BlockRef, ChainRpc, LogQuery, RpcError};
+use crate::decode::Decoder;
+use crate::metrics::Metrics;
+
+/// Ranges fetched ahead of the one being published.
+pub const FETCH_AHEAD: usize = 4;
+
+/// How many ranges to keep in flight: one at first and after a failure, doubling with each
+/// success up to [`FETCH_AHEAD`]. The first answer sizes the ranges before several are asked
+/// blind; an endpoint that fails every n-th call (a quota, a flaky node behind a balancer)
+/// cannot fail the first range of every attempt; a failing endpoint gets one request at a
+/// time rather than a burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Depth(usize);
+
+impl Default for Depth {
+    fn default() -> Self {
+        Self(1)
+    }
+}
+
+impl Depth {
+    /// Ranges to keep in flight.
+    pub fn get(self) -> usize {
+        self.0
+    }
+
+    /// A range was read.
+    pub fn succeeded(&mut self) {
+        self.0 = (self.0 * 2).min(FETCH_AHEAD);
+    }
+
+    /// A range could not be read.
+    pub fn failed(&mut self) {
+        self.0 = 1;
+    }
+}
+
+/// How many `eth_getLogs` answers a range gets when blooms say logs are missing.
+pub const LOG_ATTEMPTS: u32 = 3;
+
+/// One subscription's `eth_getLogs`, validated. Cheap to clone.
+pub struct RangeReader<R> {
+    /// The chain endpoint.
+    pub chain: Arc<R>,
+    /// Where call durations and outcomes are counted.
+    pub metrics: Metrics,
+    /// The chain id, as a metric label.
+    pub chain_label: String,
+    /// The subscription's contract(s).
+    pub addresses: Vec<alloy_primitives::Address>,
+    /// topic0 (the event's selector) and the indexed-argument filters.
+    pub topics: [Option<Vec<B256>>; 4],
+    /// Turns the logs into the subscription's envelopes.
+    pub decoder: Decoder,
+}
+
+impl<R> Clone for RangeReader<R> {
+    fn clone(&self) -> Self {
+        Self {
+            chain: self.chain.clone(),
+            metrics: self.metrics.clone(),
+            chain_label: self.chain_label.clone(),
+            addresses: self.addresses.clone(),
+            topics: self.topics.clone(),
+            decoder: self.decoder.clone(),
+        }
+    }
+}
+
+/// A range read ahead: its envelopes and the blocks that tie it to the chain.
+pub struct FetchedRange {
+    /// First block.
+    pub from: u64,
+    /// Last block.
+    pub to: u64,
+    /// The range's last block, as the endpoint had it when the logs were read.
+    pub last_block: BlockRef,
+    /// Hash of block `from - 1` when the logs were read: must be the cursor's.
+    pub parent_hash: B256,
+    /// How many logs the endpoint returned (what the range sizer learns from).
+    pub logs: usize,
+    /// The subscription's envelopes, in order.
+    pub envelopes: Vec<EventEnvelope>,
+}
+
+impl<R: ChainRpc> RangeReader<R> {
+    /// The query for `from..=to`.
+    pub fn query(&self, from: u64, to: u64) -> LogQuery {
+        LogQuery { from, to, addresses: self.addresses.clone(), topics: self.topics.clone() }
+    }
+
+    async fn observed<T>(
+        &self,
+        method: &str,
+        call: impl Future<Output = Result<T, RpcError>>,
+    ) -> Result<T, RpcError> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        self.metrics.observe_rpc(&self.chain_label, method, started.elapsed(), &result);
+        result
+    }
+
+    /// `eth_getLogs` for `query`, not trusted to be complete or canonical. `known` are the
+    /// canonical blocks known in the range (the head tracker's window and the range's last
+    /// block), in any order. Every log from a known block must carry its hash (else the chain
+    /// is reorganising under the call: an error, retried). A known block whose `logsBloom`
+    /// says it may hold a matching log, but which got none, makes the answer suspect: it is
+    /// asked again (answers merged) up to [`LOG_ATTEMPTS`] times before the bloom is taken for
+    /// a false positive.
+    pub async fn logs(&self, query: &LogQuery, known: &[BlockRef]) -> Result<Vec<Log>, RpcError> {
+        let known: BTreeMap<u64, &BlockRef> = known.iter().map(|b| (b.number, b)).collect();
+        let mut merged: BTreeMap<(u64, u64), Log> = BTreeMap::new();
+        for attempt in 1..=LOG_ATTEMPTS {
+            let logs = self.observed("eth_getLogs", self.chain.logs(query)).await?;
+            for log in logs {
+                let (number, index) =
+                    (log.block_number.unwrap_or_default(), log.log_index.unwrap_or_default());
+                if let Some(block) = known.get(&number)
+                    && log.block_hash != Some(block.hash)
+                {
+                    return Err(RpcError::BadAnswer {
+                        method: "eth_getLogs",
+                        message: format!(
+                            "log from block {number} {:?}, but the canonical block is {}: the chain is reorganising",
+                            log.block_hash, block.hash
+                        ),
+                    });
+                }
+                merged.insert((number, index), log);
+            }
+            let suspect: Vec<u64> = known
+                .values()
+                .filter(|b| query.addresses.iter().any(|a| b.may_contain(a, &query.topics)))
+                .filter(|b| merged.range((b.number, 0)..=(b.number, u64::MAX)).next().is_none())
+                .map(|b| b.number)
+                .collect();
+            if suspect.is_empty() {
+                break;
+            }
+            if attempt < LOG_ATTEMPTS {
+                self.metrics.incomplete_log_answers.with_label_values(&[&self.chain_label]).inc();
+                tracing::debug!(
+                    ?suspect,
+                    attempt,
+                    "logsBloom says logs are missing from the answer; asking again"
+                );
+            } else {
+                tracing::debug!(
+                    ?suspect,
+                    "logsBloom matched but no logs after {LOG_ATTEMPTS} answers: false positive"
+                );
+            }
+        }
+        Ok(merged.into_values().collect())
+    }
+
+    /// Reads and decodes `from..=to` (history: no block of it is in the head window).
+    pub async fn read(&self, from: u64, to: u64) -> Result<FetchedRange, RpcError> {
+        let (last_block, parent) = tokio::join!(
+            self.observed("eth_getBlockByNumber", self.chain.block(to)),
+            self.observed("eth_getBlockByNumber", self.chain.block(from.saturating_sub(1))),
+        );
+        let (last_block, parent) = (last_block?, parent?);
+        let logs = self.logs(&self.query(from, to), &[last_block]).await?;
+        let count = logs.len();
+        let decoder = self.decoder.clone();
+        // Decoding is CPU work: off the runtime's threads, so it overlaps with publishing.
+        let envelopes = tokio::task::spawn_blocking(move || decoder.envelopes(&logs)).await.map_err(|e| {
+            RpcError::BadAnswer { method: "eth_getLogs", message: format!("decoding failed: {e}") }
+        })?;
+        Ok(FetchedRange { from, to, last_block, parent_hash: parent.hash, logs: count, envelopes })
+    }
+}
+
+/// A range being read.
+struct Pending {
+    span: u64,
+    handle: JoinHandle<Result<FetchedRange, RpcError>>,
+}
+
+/// Ranges in flight for one subscription, handed back in block order. Dropping it aborts
+/// what is still in flight.
+pub struct ReadAhead {
+    in_flight: VecDeque<Pending>,
+    /// First block of the next range to hand out.
+    expects: u64,
+    /// First block not yet asked for.
+    planned: u64,
+}
+
+impl ReadAhead {
+    /// Reading from block `next` on.
+    pub fn new(next: u64) -> Self {
+        Self { in_flight: VecDeque::new(), expects: next, planned: next }
+    }
+
+    /// First block of the next range [`Self::next`] hands out.
+    pub fn expects(&self) -> u64 {
+        self.expects
+    }
+
+    /// Asks for ranges of `span` blocks up to block `limit`, until `depth` are in flight.
+    pub fn fill<R: ChainRpc>(&mut self, reader: &RangeReader<R>, limit: u64, span: u64, depth: usize) {
+        while self.in_flight.len() < depth
+            && let Some(range) = crate::ranges::next_range(self.planned, limit, span)
+        {
+            let (from, to) = (*range.start(), *range.end());
+            let reader = reader.clone();
+            let handle = tokio::spawn(async move { reader.read(from, to).await });
+            self.in_flight.push_back(Pending { span: to - from + 1, handle });
+            self.planned = to + 1;
+        }
+    }
+
+    /// The next range in block order with the span asked for, or `None` when nothing is in
+    /// flight. After an error, the read-ahead is spent: drop it and start a new one.
+    pub async fn next(&mut self) -> Option<(u64, Result<FetchedRange, RpcError>)> {
+        let pending = self.in_flight.front_mut()?;
+        let result = (&mut pending.handle).await.unwrap_or_else(|e| {
+            Err(RpcError::BadAnswer {
+                method: "eth_getLogs",
+                message: format!("read-ahead task failed: {e}"),
+            })
+        });
+        let span = pending.span;
+        self.in_flight.pop_front();
+        if let Ok(range) = &result {
+            self.expects = range.to + 1;
+        }
+        Some((span, result))
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        for pending in &self.in_flight {
+            pending.handle.abort();
+        }
+    }
+}
