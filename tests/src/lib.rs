@@ -18,6 +18,7 @@ pub mod herald;
 pub mod process;
 pub mod rpc_proxy;
 pub mod services;
+pub mod tcp_proxy;
 pub mod wait;
 
 pub use chain::TestChain;
