@@ -71,13 +71,16 @@ pub struct SubscriptionTask<R, S, C> {
     pub poll_interval: Duration,
     /// Largest `eth_getLogs` span.
     pub max_block_range: u64,
+    /// How often a cursor that moved over ranges publishing nothing is committed
+    /// ([`IDLE_COMMIT_INTERVAL`] in service).
+    pub idle_commit_interval: Duration,
 }
 
 /// How often a subscription whose ranges publish nothing commits its cursor. Replaying such
 /// ranges after a crash costs a shared fetch and publishes nothing; committing them costs an
 /// etcd transaction each: at 5,000 quiet subscriptions per worker and 2 s, etcd was the
 /// busiest process of the fanout benchmark.
-const IDLE_COMMIT_INTERVAL: Duration = Duration::from_secs(10);
+pub const IDLE_COMMIT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Messages per fast-ingest batch: what a failed batch publishes again at most.
 const PUBLISH_BATCH: usize = 10_000;
@@ -234,7 +237,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                     let flush_at = progress
                         .last_commit
                         .filter(|_| progress.uncommitted)
-                        .map(|at| tokio::time::Instant::from_std(at + IDLE_COMMIT_INTERVAL));
+                        .map(|at| tokio::time::Instant::from_std(at + self.idle_commit_interval));
                     let flush = async {
                         match flush_at {
                             Some(at) => tokio::time::sleep_until(at).await,
@@ -553,11 +556,11 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             None => Cursor { stream_seq: p.last_seq, ..Cursor::at(to, to_hash, p.epoch) },
         };
         // A range that published nothing needs no prompt commit: replaying it after a crash
-        // publishes nothing either. Committing it at most every IDLE_COMMIT_INTERVAL keeps
+        // publishes nothing either. Committing it at most every idle_commit_interval keeps
         // thousands of quiet subscriptions from writing to etcd on every block.
         let due = !envelopes.is_empty()
             || p.cursor.is_none()
-            || p.last_commit.is_none_or(|at| at.elapsed() >= IDLE_COMMIT_INTERVAL);
+            || p.last_commit.is_none_or(|at| at.elapsed() >= self.idle_commit_interval);
         if due {
             if let Err(exit) = self.commit(&cursor, cancel).await {
                 return Ok(Step::Exit(exit));
@@ -1161,6 +1164,7 @@ mod tests {
             lease: LeaseClock::always_valid(),
             poll_interval: Duration::from_millis(5),
             max_block_range,
+            idle_commit_interval: Duration::from_millis(20),
         }
     }
 

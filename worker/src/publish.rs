@@ -132,11 +132,17 @@ impl JetStreamSink {
 }
 
 impl JetStreamSink {
-    /// The message for `envelope`, with its id and routing headers.
-    fn message(&self, envelope: &EventEnvelope) -> Result<PublishMessage, PublishError> {
+    /// The largest message the server takes.
+    fn max_payload(&self) -> usize {
+        self.js.client().server_info().max_payload
+    }
+
+    /// The message for `envelope`, with its id and routing headers, if it fits in the
+    /// server's `max_payload` (see [`Self::max_payload`]).
+    fn message(&self, envelope: &EventEnvelope, max_payload: usize) -> Result<PublishMessage, PublishError> {
         let payload = Bytes::from(serde_json::to_vec(envelope).expect("envelopes serialise"));
         // Leave room for the headers.
-        let max = self.js.client().server_info().max_payload.saturating_sub(1024);
+        let max = max_payload.saturating_sub(1024);
         if max > 0 && payload.len() > max {
             return Err(PublishError::TooLarge { size: payload.len(), max });
         }
@@ -251,6 +257,7 @@ impl EventSink for JetStreamSink {
         use futures::{FutureExt, StreamExt};
         let nats = |e: &dyn std::fmt::Display| PublishError::Nats(e.to_string());
         let client = self.js.client();
+        let max_payload = self.max_payload();
         let inbox = client.new_inbox();
         let mut replies = client.subscribe(format!("{inbox}.>")).await.map_err(|e| nats(&e))?;
         let mut flow = FastFlow::new();
@@ -271,7 +278,7 @@ impl EventSink for JetStreamSink {
                     )));
                 }
             }
-            let message = match self.message(envelope) {
+            let message = match self.message(envelope, max_payload) {
                 Ok(message) => message,
                 Err(e) => {
                     // End what was sent so far (storing nothing more) before giving up.
@@ -317,7 +324,7 @@ impl EventSink for JetStreamSink {
     }
 
     async fn publish(&self, subject: &str, envelope: &EventEnvelope) -> Result<Stored, PublishError> {
-        let message = self.message(envelope)?;
+        let message = self.message(envelope, self.max_payload())?;
         let ack = async {
             let pending = self.js.send_publish(subject.to_owned(), message).await?;
             pending.await

@@ -350,6 +350,7 @@ impl Supervisor {
             lease: self.lease.clone(),
             poll_interval: chain.config.poll_interval,
             max_block_range: chain.config.max_block_range,
+            idle_commit_interval: crate::pipeline::IDLE_COMMIT_INTERVAL,
             spec,
         };
         // Independent of the shutdown token: shutdown drains, only revocation cancels.
