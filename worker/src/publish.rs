@@ -123,11 +123,31 @@ impl JetStreamSink {
             max_age: config.max_age,
             num_replicas: config.replicas,
             allow_direct: true,
-            allow_batch_publish: true,
+            allow_batch_publish: self.fast_ingest(),
             ..Default::default()
         };
         self.js.create_or_update_stream(wanted).await.map_err(|e| PublishError::Nats(e.to_string()))?;
+        if !self.fast_ingest() {
+            tracing::warn!(
+                server_version = self.js.client().server_info().version,
+                "nats-server predates fast-ingest batches (2.14): publishing one message at a time, each acknowledged before the next"
+            );
+        }
         Ok(())
+    }
+
+    /// Whether the connected server takes fast-ingest batches.
+    fn fast_ingest(&self) -> bool {
+        fast_ingest_supported(&self.js.client().server_info().version)
+    }
+}
+
+/// Whether nats-server `version` (`2.14.0`, `v2.15.1-beta`) has fast-ingest batches (2.14+).
+fn fast_ingest_supported(version: &str) -> bool {
+    let mut parts = version.trim_start_matches('v').split(['.', '-']).map(|p| p.parse::<u64>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (2, 14),
+        _ => false,
     }
 }
 
@@ -256,6 +276,9 @@ impl EventSink for JetStreamSink {
     async fn publish_batch(&self, subject: &str, envelopes: &[EventEnvelope]) -> Result<u64, PublishError> {
         use futures::{FutureExt, StreamExt};
         let nats = |e: &dyn std::fmt::Display| PublishError::Nats(e.to_string());
+        if !self.fast_ingest() {
+            return Err(PublishError::Nats("the server predates fast-ingest batches".into()));
+        }
         let client = self.js.client();
         let max_payload = self.max_payload();
         let inbox = client.new_inbox();
@@ -402,6 +425,21 @@ impl EventSink for JetStreamSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_ingest_needs_nats_server_2_14() {
+        for (version, supported) in [
+            ("2.15.1", true),
+            ("2.14.0", true),
+            ("v2.14.0-beta.1", true),
+            ("3.0.0", true),
+            ("2.12.4", false),
+            ("2.9.25", false),
+            ("", false),
+        ] {
+            assert_eq!(fast_ingest_supported(version), supported, "{version}");
+        }
+    }
 
     #[test]
     fn fast_ingest_replies() {
