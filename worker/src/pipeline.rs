@@ -936,7 +936,24 @@ mod tests {
         max_range: Option<u64>,
         /// Every n-th `eth_getLogs` fails like a dropped connection.
         fail_every: Option<usize>,
+        /// `(block, call)`: from the `call`-th `eth_getLogs` on, every block from `block` up has
+        /// another hash (a reorganisation that deep).
+        fork: Option<(u64, usize)>,
         log_calls: Mutex<usize>,
+    }
+
+    impl FakeChain {
+        fn forked(&self) -> Option<u64> {
+            let (block, call) = self.fork?;
+            (*self.log_calls.lock().unwrap() >= call).then_some(block)
+        }
+
+        fn hash(&self, number: u64) -> B256 {
+            match self.forked() {
+                Some(fork) if number >= fork => keccak256([number.to_be_bytes(), [0xff; 8]].concat()),
+                _ => block_hash(number),
+            }
+        }
     }
 
     impl FakeChain {
@@ -962,8 +979,8 @@ mod tests {
             }
             Ok(BlockRef {
                 number,
-                hash: block_hash(number),
-                parent_hash: block_hash(number.wrapping_sub(1)),
+                hash: self.hash(number),
+                parent_hash: self.hash(number.wrapping_sub(1)),
                 logs_bloom,
             })
         }
@@ -988,7 +1005,7 @@ mod tests {
                 .logs
                 .iter()
                 .filter(|l| (q.from..=q.to).contains(&l.block_number.unwrap()))
-                .cloned()
+                .map(|l| Log { block_hash: Some(self.hash(l.block_number.unwrap())), ..l.clone() })
                 .collect())
         }
     }
@@ -1067,6 +1084,9 @@ mod tests {
         commits: Mutex<Vec<Cursor>>,
         fenced: bool,
         logs_by_block: BTreeMap<u64, usize>,
+        /// Skip the invariant checks (a reorganising chain retracts and replaces what it
+        /// stored, which they do not model).
+        lenient: bool,
     }
 
     impl CursorStore for FakeStore {
@@ -1076,6 +1096,10 @@ mod tests {
         async fn commit_cursor(&self, o: &Ownership, c: &Cursor) -> Result<(), StoreError> {
             if self.fenced {
                 return Err(StoreError::Fenced(o.subscription_id.clone()));
+            }
+            if self.lenient {
+                self.commits.lock().unwrap().push(c.clone());
+                return Ok(());
             }
             // The invariant: every log up to the cursor's block is already stored.
             let expected: usize = self.logs_by_block.range(..=c.block_number).map(|(_, n)| n).sum();
@@ -1204,6 +1228,7 @@ mod tests {
                     sink: sink.clone(),
                     commits: Mutex::default(),
                     fenced: false,
+                    lenient: false,
                     logs_by_block: blocks.iter().map(|&(b, n)| (b, n)).collect(),
                 });
                 let chain = FakeChain::new(10, transfer_logs(&blocks));
@@ -1229,6 +1254,7 @@ mod tests {
                 sink: sink.clone(),
                 commits: Mutex::default(),
                 fenced: false,
+                lenient: false,
                 logs_by_block: blocks.iter().copied().collect(),
             });
             let chain =
@@ -1238,6 +1264,65 @@ mod tests {
             assert_eq!(values(&sink), want, "fail_at={fail_at} fail_every={fail_every:?}");
             let commits = store.commits.lock().unwrap();
             assert!(commits.windows(2).all(|w| w[0].block_number < w[1].block_number));
+        }
+    }
+
+    /// A reorganisation far below the head (below the head window) while history is read
+    /// ahead: ranges read before it carry the old chain, the first range read after it no
+    /// longer continues from the cursor's block, and the task unwinds: every log of the
+    /// orphaned blocks it published is retracted, and the canonical chain ends up in the stream
+    /// exactly once, in order.
+    #[tokio::test]
+    async fn a_deep_reorg_under_the_read_ahead_is_retracted_and_replaced() {
+        let blocks: Vec<(u64, usize)> = (1..=600).filter(|b| b % 5 == 0).map(|b| (b, 2)).collect();
+        for (fork_block, fork_call) in [(150, 12), (100, 9), (40, 9), (200, 2)] {
+            let sink = Arc::new(FakeSink::default());
+            let store = Arc::new(FakeStore {
+                sink: sink.clone(),
+                commits: Mutex::default(),
+                fenced: false,
+                logs_by_block: BTreeMap::new(),
+                lenient: true,
+            });
+            let chain = FakeChain {
+                fork: Some((fork_block, fork_call)),
+                ..FakeChain::new(600, transfer_logs(&blocks))
+            };
+            let chain = Arc::new(chain);
+            let mut t = task(FakeChain::default(), sink.clone(), store.clone(), 20);
+            t.chain = chain.clone();
+            t.live = Some(crate::live::LiveLogs::new(1, chain.clone(), 100, Metrics::new()));
+            t.heads = crate::heads::HeadTracker {
+                chain_id: 1,
+                rpc: chain.clone(),
+                ws_url: None,
+                poll_interval: Duration::from_millis(5),
+                request_timeout: Duration::from_secs(1),
+                metrics: Metrics::new(),
+            }
+            .spawn(CancellationToken::new());
+            run_until_cursor(t, &store, 600).await;
+            assert!(chain.forked().is_some(), "the fork never happened");
+
+            let stored = sink.stored.lock().unwrap();
+            let label = format!("fork at block {fork_block}, call {fork_call}");
+            // Every message from an orphaned block is followed by its retraction.
+            for (i, e) in stored.iter().enumerate().filter(|(_, e)| !e.removed) {
+                if e.block_hash != chain.hash(e.block_number) {
+                    let retracted = stored[i + 1..]
+                        .iter()
+                        .any(|r| r.removed && r.block_hash == e.block_hash && r.log_index == e.log_index);
+                    assert!(retracted, "{label}: orphaned {:?} never retracted", e.position());
+                }
+            }
+            // The canonical ones are the whole chain, once, in order.
+            let canonical: Vec<String> = stored
+                .iter()
+                .filter(|e| !e.removed && e.block_hash == chain.hash(e.block_number))
+                .map(|e| e.args["value"].as_str().unwrap().to_owned())
+                .collect();
+            let want: Vec<String> = (0..blocks.len() * 2).map(|i| i.to_string()).collect();
+            assert_eq!(canonical, want, "{label}");
         }
     }
 
@@ -1263,6 +1348,7 @@ mod tests {
             sink: sink.clone(),
             commits: Mutex::default(),
             fenced: false,
+            lenient: false,
             logs_by_block: blocks.iter().map(|&(b, n)| (b, n)).collect(),
         });
         let chain = FakeChain::new(3, logs);
@@ -1279,6 +1365,7 @@ mod tests {
             sink: sink.clone(),
             commits: Mutex::default(),
             fenced: false,
+            lenient: false,
             logs_by_block: blocks.iter().map(|&(b, n)| (b, n)).collect(),
         });
         let chain = FakeChain::new(2, transfer_logs(&blocks));
@@ -1302,6 +1389,7 @@ mod tests {
                 sink: sink.clone(),
                 commits: Mutex::default(),
                 fenced: false,
+                lenient: false,
                 logs_by_block: blocks.iter().map(|&(b, n)| (b, n)).collect(),
             });
             let chain =
@@ -1319,6 +1407,7 @@ mod tests {
             sink: sink.clone(),
             commits: Mutex::default(),
             fenced: true,
+            lenient: false,
             logs_by_block: BTreeMap::new(),
         });
         let chain = FakeChain::new(3, vec![]);
