@@ -220,7 +220,6 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("alerts: {} rules, {} failing", rules.len(), rule_failures.len());
 
-    // Every panel query of every dashboard.
     // Every panel query of every dashboard. A query fails when it cannot be evaluated, errors,
     // names a metric nobody exports, or returns no series.
     let (mut panels, mut queries, mut failing) = (0usize, 0usize, 0usize);
