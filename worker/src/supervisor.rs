@@ -135,6 +135,9 @@ impl Supervisor {
     /// Runs until `cancel`, then stops and joins every task.
     pub async fn run(self, cancel: CancellationToken) {
         let mut running: BTreeMap<SubscriptionId, Running> = BTreeMap::new();
+        // Assignments that can never run as they are (invalid spec, unserved chain): not
+        // retried, and not logged again, until the record or the assignment changes.
+        let mut unstartable: BTreeMap<SubscriptionId, TaskKey> = BTreeMap::new();
         let mut backoff = Backoff::network();
         'relist: while !cancel.is_cancelled() {
             // Nothing runs without a lease: wait for the first registration.
@@ -155,7 +158,7 @@ impl Supervisor {
             else {
                 break;
             };
-            self.reconcile(&mut running, &ownerships, &records).await;
+            self.reconcile(&mut running, &mut unstartable, &ownerships, &records).await;
             let watches = futures::future::try_join(
                 self.store.watch_assignments(assignments_revision),
                 self.store.watch_records(records_revision),
@@ -181,7 +184,7 @@ impl Supervisor {
                     _ = cancel.cancelled() => break 'relist,
                     _ = &mut resync => continue 'relist,
                     _ = retry_tick.tick() => {
-                        self.reconcile(&mut running, &ownerships, &records).await;
+                        self.reconcile(&mut running, &mut unstartable, &ownerships, &records).await;
                         continue;
                     }
                     m = assignment_watch.message() => m,
@@ -244,7 +247,7 @@ impl Supervisor {
                         _ => {}
                     }
                 }
-                self.reconcile(&mut running, &ownerships, &records).await;
+                self.reconcile(&mut running, &mut unstartable, &ownerships, &records).await;
             }
         }
         // Graceful: every task finishes its block range and commits, then stops. Whatever has
@@ -269,6 +272,7 @@ impl Supervisor {
     async fn reconcile(
         &self,
         running: &mut BTreeMap<SubscriptionId, Running>,
+        unstartable: &mut BTreeMap<SubscriptionId, TaskKey>,
         ownerships: &BTreeMap<SubscriptionId, Ownership>,
         records: &BTreeMap<SubscriptionId, Versioned>,
     ) {
@@ -291,10 +295,20 @@ impl Supervisor {
         for id in ids.iter().filter(|id| !changes.start.contains(id)) {
             self.release(id).await;
         }
+        unstartable.retain(|id, key| desired.get(id) == Some(key));
         for id in changes.start {
             let key = desired[&id].clone();
-            if let Some(task) = self.spawn(key, &records[&id]).await {
-                running.insert(id, task);
+            if unstartable.contains_key(&id) {
+                continue;
+            }
+            match self.spawn(key.clone(), &records[&id]).await {
+                Start::Running(task) => {
+                    running.insert(id, task);
+                }
+                Start::Later => {}
+                Start::Never => {
+                    unstartable.insert(id, key);
+                }
             }
         }
         self.metrics.assigned_subscriptions.set(running.len() as i64);
@@ -307,35 +321,35 @@ impl Supervisor {
         }
     }
 
-    async fn spawn(&self, key: TaskKey, versioned: &Versioned) -> Option<Running> {
+    async fn spawn(&self, key: TaskKey, versioned: &Versioned) -> Start {
         let id = key.ownership.subscription_id.clone();
-        let Some(lease) = self.lease.lease() else {
-            tracing::info!(subscription_id = %id, "not starting: no valid lease yet");
-            return None;
-        };
-        match self.store.claim(&id, &self.worker_id, lease).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::info!(subscription_id = %id, "not starting yet: the previous owner has not released it");
-                return None;
-            }
-            Err(e) => {
-                tracing::warn!(subscription_id = %id, error = %e, "cannot claim the subscription; retrying");
-                return None;
-            }
-        }
         let spec = versioned.record.spec.clone();
         let event = match spec.compile() {
             Ok(e) => e,
             Err(e) => {
                 tracing::error!(subscription_id = %id, error = %e, "subscription spec is invalid; not running it");
-                return None;
+                return Start::Never;
             }
         };
         let Some(chain) = self.chains.get(&spec.chain_id) else {
             tracing::error!(subscription_id = %id, chain_id = spec.chain_id, "assigned a subscription on a chain this worker does not serve");
-            return None;
+            return Start::Never;
         };
+        let Some(lease) = self.lease.lease() else {
+            tracing::info!(subscription_id = %id, "not starting: no valid lease yet");
+            return Start::Later;
+        };
+        match self.store.claim(&id, &self.worker_id, lease).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(subscription_id = %id, "not starting yet: the previous owner has not released it");
+                return Start::Later;
+            }
+            Err(e) => {
+                tracing::warn!(subscription_id = %id, error = %e, "cannot claim the subscription; retrying");
+                return Start::Later;
+            }
+        }
         let task = SubscriptionTask {
             chain: chain.rpc.clone(),
             heads: chain.heads.clone(),
@@ -357,8 +371,19 @@ impl Supervisor {
         let (child, drain) = (CancellationToken::new(), CancellationToken::new());
         let span = tracing::info_span!("subscription", worker_id = %self.worker_id, subscription_id = %id, chain_id = chain.config.chain_id, generation = key.ownership.generation);
         let handle = tokio::spawn(task.run(child.clone(), drain.clone()).instrument(span));
-        Some(Running { key, cancel: child, drain, handle })
+        Start::Running(Running { key, cancel: child, drain, handle })
     }
+}
+
+/// What starting an assigned subscription came to.
+enum Start {
+    /// Its task runs.
+    Running(Running),
+    /// Not now (no lease yet, the previous owner still holds it): retried shortly.
+    Later,
+    /// Never as it is (invalid spec, a chain this worker does not serve): retried only when
+    /// its record or assignment changes.
+    Never,
 }
 
 #[cfg(test)]
