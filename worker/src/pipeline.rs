@@ -346,7 +346,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         &self,
         p: &mut Progress,
         fetching: &mut Fetching<R>,
-        view: &ChainView,
+        view: &Arc<ChainView>,
         subject: &str,
         cancel: &CancellationToken,
     ) -> Result<Step, RpcError> {
@@ -355,28 +355,6 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             return Ok(Step::Idle);
         };
         self.metrics.observe_head(&labels, head, p.next, self.spec.confirmations);
-        // Below the head tracker's window is history, read ahead; each range read brings the
-        // hash of the block before it, which is how the cursor is checked there.
-        let window_floor = view.window.blocks().next().map_or(0, |b| b.number);
-        let in_history = p.next < window_floor;
-        if !in_history {
-            fetching.ahead = None;
-        }
-        // Is what was processed still canonical? Checked against the head tracker's window
-        // when recent, by asking the endpoint otherwise. A lagging endpoint (head below the
-        // cursor) is not a reorg: wait for it.
-        if !in_history
-            && let Some(cursor) = p.cursor.clone()
-            && !cursor.block_hash.is_zero()
-            && cursor.block_number <= head
-        {
-            let Some(now) = self.canonical_block(view, cursor.block_number, cancel).await? else {
-                return Ok(Step::Exit(Exit::Cancelled));
-            };
-            if now.hash != cursor.block_hash {
-                return self.unwind(p, &cursor, subject, cancel).await;
-            }
-        }
         let Some(mut target) = confirmed_target(head, self.spec.confirmations) else {
             return Ok(Step::Idle);
         };
@@ -396,10 +374,30 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 }
             }
         }
-        if in_history {
-            return self
-                .read_ahead(p, fetching, head, target.min(window_floor - 1), target, subject, cancel)
-                .await;
+        // More than a range behind the target (a backfill, or catching up after a pause):
+        // read ahead, several ranges in flight. Each range brings the hash of the block before
+        // it, which is how the cursor is checked there. Within a range of the target: one
+        // range at a time, shared with the chain's other subscriptions at the head.
+        let window_floor = view.window.blocks().next().map_or(0, |b| b.number);
+        let reading = fetching.ahead.as_ref().is_some_and(|a| a.expects() == p.next && a.in_flight() > 0);
+        let catching_up = p.next < window_floor || target.saturating_sub(p.next) >= p.sizer.span();
+        if catching_up || reading {
+            return self.read_ahead(p, fetching, view, head, target, subject, cancel).await;
+        }
+        fetching.ahead = None;
+        // Is what was processed still canonical? Checked against the head tracker's window
+        // when recent, by asking the endpoint otherwise. A lagging endpoint (head below the
+        // cursor) is not a reorg: wait for it.
+        if let Some(cursor) = p.cursor.clone()
+            && !cursor.block_hash.is_zero()
+            && cursor.block_number <= head
+        {
+            let Some(now) = self.canonical_block(view, cursor.block_number, cancel).await? else {
+                return Ok(Step::Exit(Exit::Cancelled));
+            };
+            if now.hash != cursor.block_hash {
+                return self.unwind(p, &cursor, subject, cancel).await;
+            }
         }
         let Some(range) = next_range(p.next, target, p.sizer.span()) else {
             return Ok(Step::Idle);
@@ -436,28 +434,27 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         self.deliver(p, envelopes, to, last_block.hash, head, target, subject, cancel).await
     }
 
-    /// History (below the head tracker's window, up to block `limit`): publishes the next
-    /// range of the read-ahead, keeping it topped up so the following ranges are fetched and
-    /// decoded meanwhile.
+    /// Catching up (up to block `target`): publishes the next range of the read-ahead,
+    /// keeping it topped up so the following ranges are fetched and decoded meanwhile.
     #[allow(clippy::too_many_arguments)]
     async fn read_ahead(
         &self,
         p: &mut Progress,
         fetching: &mut Fetching<R>,
+        view: &Arc<ChainView>,
         head: u64,
-        limit: u64,
         target: u64,
         subject: &str,
         cancel: &CancellationToken,
     ) -> Result<Step, RpcError> {
-        if p.next > limit {
+        if p.next > target {
             return Ok(Step::Idle);
         }
         let ahead = match &mut fetching.ahead {
             Some(ahead) if ahead.expects() == p.next => ahead,
             slot => slot.insert(ReadAhead::new(p.next)),
         };
-        ahead.fill(&fetching.reader, limit, p.sizer.span(), fetching.depth.get());
+        ahead.fill(&fetching.reader, view, target, p.sizer.span(), fetching.depth.get());
         let next = tokio::select! {
             _ = cancel.cancelled() => return Ok(Step::Exit(Exit::Cancelled)),
             next = ahead.next() => next,

@@ -9,10 +9,13 @@
 //! ever held, so a slow JetStream holds the fetching back and memory stays bounded whatever
 //! the backlog.
 //!
-//! Only history below the head tracker's window is read ahead. Each range also brings the
-//! hash of the block before it, read with its logs, so the task still notices when a
-//! reorganisation reached that deep: its cursor's block is no longer the parent of what
-//! comes next. It then drops the read-ahead and unwinds as it does at the head.
+//! A subscription reads ahead while it is more than a range behind its confirmed target (a
+//! backfill, or catching up after a pause); within a range of it, it fetches one range at a
+//! time, shared with the chain's other subscriptions at the head. Each range read ahead
+//! brings the hash of the block before it, so the task notices when a reorganisation reached
+//! what it published: its cursor's block is no longer the parent of what comes next. It then
+//! drops the read-ahead and unwinds as it does at the head. Logs from blocks in the head
+//! tracker's window are checked against their canonical hashes, as on every path.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -24,6 +27,7 @@ use tokio::task::JoinHandle;
 
 use crate::chain::{BlockRef, ChainRpc, LogQuery, RpcError};
 use crate::decode::Decoder;
+use crate::heads::ChainView;
 use crate::metrics::Metrics;
 
 /// Ranges fetched ahead of the one being published.
@@ -179,14 +183,17 @@ impl<R: ChainRpc> RangeReader<R> {
         Ok(merged.into_values().collect())
     }
 
-    /// Reads and decodes `from..=to` (history: no block of it is in the head window).
-    pub async fn read(&self, from: u64, to: u64) -> Result<FetchedRange, RpcError> {
+    /// Reads and decodes `from..=to`, checking the logs against the canonical blocks the
+    /// head tracker's `view` knows in the range, and the range's last block.
+    pub async fn read(&self, from: u64, to: u64, view: &ChainView) -> Result<FetchedRange, RpcError> {
         let (last_block, parent) = tokio::join!(
             self.observed("eth_getBlockByNumber", self.chain.block(to)),
             self.observed("eth_getBlockByNumber", self.chain.block(from.saturating_sub(1))),
         );
         let (last_block, parent) = (last_block?, parent?);
-        let logs = self.logs(&self.query(from, to), &[last_block]).await?;
+        let mut known: Vec<BlockRef> = view.window.range(from, to).copied().collect();
+        known.push(last_block);
+        let logs = self.logs(&self.query(from, to), &known).await?;
         let count = logs.len();
         let decoder = self.decoder.clone();
         // Decoding is CPU work: off the runtime's threads, so it overlaps with publishing.
@@ -224,14 +231,27 @@ impl ReadAhead {
         self.expects
     }
 
-    /// Asks for ranges of `span` blocks up to block `limit`, until `depth` are in flight.
-    pub fn fill<R: ChainRpc>(&mut self, reader: &RangeReader<R>, limit: u64, span: u64, depth: usize) {
+    /// Ranges in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Asks for ranges of `span` blocks up to block `limit`, until `depth` are in flight; the
+    /// logs of blocks in `view`'s window must carry their canonical hashes.
+    pub fn fill<R: ChainRpc>(
+        &mut self,
+        reader: &RangeReader<R>,
+        view: &Arc<ChainView>,
+        limit: u64,
+        span: u64,
+        depth: usize,
+    ) {
         while self.in_flight.len() < depth
             && let Some(range) = crate::ranges::next_range(self.planned, limit, span)
         {
             let (from, to) = (*range.start(), *range.end());
-            let reader = reader.clone();
-            let handle = tokio::spawn(async move { reader.read(from, to).await });
+            let (reader, view) = (reader.clone(), view.clone());
+            let handle = tokio::spawn(async move { reader.read(from, to, &view).await });
             self.in_flight.push_back(Pending { span: to - from + 1, handle });
             self.planned = to + 1;
         }
