@@ -127,7 +127,6 @@ async fn finality_tags_hold_logs_back_until_final() -> anyhow::Result<()> {
     let mut etcd = stack.etcd.client().await?;
     let mut spec = stack.subscription("finalized", TRANSFER_EVENT);
     spec.finality = Some(Finality::Finalized);
-    register_subscription(&mut etcd, &spec, "worker-a").await?;
     let worker = WorkerProcess::start(stack.worker_settings("worker-a"))?;
     let reader = StreamReader::connect(&stack.nats.url()).await?;
 
@@ -136,7 +135,15 @@ async fn finality_tags_hold_logs_back_until_final() -> anyhow::Result<()> {
     for _ in 0..5 {
         last = stack.chain.emit_many(2).await?;
     }
-    let finalized = stack.chain.head().await? - 64;
+    let head = stack.chain.head().await?;
+    let finalized = head - 64;
+    // The subscription asks for the tag after the worker has seen the last block: it must not
+    // wait for another block to learn where the finalized block is.
+    wait_for("the worker to see the head", TIMEOUT, || async {
+        (worker.metric("herald_chain_head_block", &[]).await? >= head as f64).then_some(())
+    })
+    .await?;
+    register_subscription(&mut etcd, &spec, "worker-a").await?;
     assert!(finalized < last - 4, "the transfers must not be final yet");
     wait_for_cursor(&stack.etcd, &spec.id, finalized, TIMEOUT)
         .await

@@ -421,7 +421,11 @@ impl<R: ChainRpc> HeadTracker<R> {
                             "chain reorganised; subscriptions on orphaned blocks will retract"
                         );
                     }
-                    if f.added == 0 {
+                    // Tags are read with new blocks; and at once when a subscription asked for
+                    // them after the last new block (else it would wait for the next one).
+                    let tags_wanted = interest.load(Ordering::Relaxed) > 0
+                        && [view.safe, view.finalized].contains(&TagState::Unknown);
+                    if f.added == 0 && !tags_wanted {
                         continue;
                     }
                 }
