@@ -374,14 +374,15 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 }
             }
         }
-        // More than a range behind the target (a backfill, or catching up after a pause):
-        // read ahead, several ranges in flight. Each range brings the hash of the block before
-        // it, which is how the cursor is checked there. Within a range of the target: one
-        // range at a time, shared with the chain's other subscriptions at the head.
+        // Below the head tracker's window (a backfill, or a long pause): read ahead, several
+        // ranges in flight, until those in flight are used up. Each range brings the hash of
+        // the block before it, which is how the cursor is checked there. Inside the window:
+        // one range at a time, shared with the chain's other subscriptions there, so that
+        // thousands of them a few blocks behind (a head jump, a takeover) still cost one call
+        // per range rather than one each.
         let window_floor = view.window.blocks().next().map_or(0, |b| b.number);
         let reading = fetching.ahead.as_ref().is_some_and(|a| a.expects() == p.next && a.in_flight() > 0);
-        let catching_up = p.next < window_floor || target.saturating_sub(p.next) >= p.sizer.span();
-        if catching_up || reading {
+        if p.next < window_floor || reading {
             return self.read_ahead(p, fetching, view, head, target, subject, cancel).await;
         }
         fetching.ahead = None;

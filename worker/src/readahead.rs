@@ -9,13 +9,15 @@
 //! ever held, so a slow JetStream holds the fetching back and memory stays bounded whatever
 //! the backlog.
 //!
-//! A subscription reads ahead while it is more than a range behind its confirmed target (a
-//! backfill, or catching up after a pause); within a range of it, it fetches one range at a
-//! time, shared with the chain's other subscriptions at the head. Each range read ahead
-//! brings the hash of the block before it, so the task notices when a reorganisation reached
-//! what it published: its cursor's block is no longer the parent of what comes next. It then
-//! drops the read-ahead and unwinds as it does at the head. Logs from blocks in the head
-//! tracker's window are checked against their canonical hashes, as on every path.
+//! A subscription reads ahead while its next block is below the head tracker's window (a
+//! backfill, or a long pause), and finishes the ranges already in flight; inside the window
+//! it fetches one range at a time, shared with the chain's other subscriptions there, so
+//! that calls do not grow with the subscriptions when many are a few blocks behind. Each
+//! range read ahead brings the hash of the block before it, so the task notices when a
+//! reorganisation reached what it published: its cursor's block is no longer the parent of
+//! what comes next. It then drops the read-ahead and unwinds as it does at the head. Logs
+//! from blocks in the head tracker's window are checked against their canonical hashes, as
+//! on every path.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -183,13 +185,20 @@ impl<R: ChainRpc> RangeReader<R> {
         Ok(merged.into_values().collect())
     }
 
+    /// Block `number`: from the head tracker's window when it holds it (no call), else from
+    /// the endpoint.
+    async fn block(&self, view: &ChainView, number: u64) -> Result<BlockRef, RpcError> {
+        match view.block(number) {
+            Some(block) => Ok(*block),
+            None => self.observed("eth_getBlockByNumber", self.chain.block(number)).await,
+        }
+    }
+
     /// Reads and decodes `from..=to`, checking the logs against the canonical blocks the
     /// head tracker's `view` knows in the range, and the range's last block.
     pub async fn read(&self, from: u64, to: u64, view: &ChainView) -> Result<FetchedRange, RpcError> {
-        let (last_block, parent) = tokio::join!(
-            self.observed("eth_getBlockByNumber", self.chain.block(to)),
-            self.observed("eth_getBlockByNumber", self.chain.block(from.saturating_sub(1))),
-        );
+        let (last_block, parent) =
+            tokio::join!(self.block(view, to), self.block(view, from.saturating_sub(1)));
         let (last_block, parent) = (last_block?, parent?);
         let mut known: Vec<BlockRef> = view.window.range(from, to).copied().collect();
         known.push(last_block);
