@@ -60,6 +60,8 @@ async fn a_lagging_endpoint_is_not_a_reorg() -> anyhow::Result<()> {
     let mut settings = stack.worker_settings("worker-a");
     settings.rpc = proxy.url();
     let worker = WorkerProcess::start(settings)?;
+    let stale = || proxy.counters().stale_heads.load(Ordering::SeqCst);
+    wait_for("a stale head to be served", TIMEOUT, || async { (stale() > 0).then_some(()) }).await?;
 
     let mut last = 0;
     for _ in 0..10 {
@@ -68,9 +70,12 @@ async fn a_lagging_endpoint_is_not_a_reorg() -> anyhow::Result<()> {
     wait_for_cursor(&stack.etcd, &spec.id, last, TIMEOUT)
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))?;
+    // More stale heads, now that the subscription holds the newest blocks.
+    let served = stale();
+    wait_for("more stale heads to be served", TIMEOUT, || async { (stale() >= served + 2).then_some(()) })
+        .await?;
     let reader = StreamReader::connect(&stack.nats.url()).await?;
     assert_exact_transfers(&reader.read_all(&spec.subject()).await?, 20);
-    assert!(proxy.counters().stale_heads.load(Ordering::SeqCst) > 0, "no stale head was served");
     assert_eq!(worker.metric("herald_chain_reorgs_total", &[]).await.unwrap_or(0.0), 0.0);
     assert_eq!(worker.metric("herald_retractions_total", &[]).await.unwrap_or(0.0), 0.0);
     Ok(())
