@@ -1087,6 +1087,19 @@ mod tests {
         lenient: bool,
     }
 
+    impl FakeStore {
+        /// Checking every commit against `blocks` (block, logs in it) stored in `sink`.
+        fn new(sink: &Arc<FakeSink>, blocks: &[(u64, usize)]) -> Self {
+            Self {
+                sink: sink.clone(),
+                commits: Mutex::default(),
+                fenced: false,
+                logs_by_block: blocks.iter().copied().collect(),
+                lenient: false,
+            }
+        }
+    }
+
     impl CursorStore for FakeStore {
         async fn load_cursor(&self, _id: &SubscriptionId) -> Result<Option<Cursor>, StoreError> {
             Ok(self.commits.lock().unwrap().last().cloned())
@@ -1146,7 +1159,7 @@ mod tests {
     }
 
     fn task(
-        chain: FakeChain,
+        chain: impl Into<Arc<FakeChain>>,
         sink: Arc<FakeSink>,
         store: Arc<FakeStore>,
         max_block_range: u64,
@@ -1157,7 +1170,7 @@ mod tests {
             "start_block": 1,
         }))
         .unwrap();
-        let chain = Arc::new(chain);
+        let chain: Arc<FakeChain> = chain.into();
         let heads = crate::heads::HeadTracker {
             chain_id: 1,
             rpc: chain.clone(),
@@ -1222,13 +1235,7 @@ mod tests {
             for range in [1, 2, 3, 10] {
                 let sink =
                     Arc::new(FakeSink { fail_calls: vec![fail_at, fail_at + 1], ..Default::default() });
-                let store = Arc::new(FakeStore {
-                    sink: sink.clone(),
-                    commits: Mutex::default(),
-                    fenced: false,
-                    lenient: false,
-                    logs_by_block: blocks.iter().map(|&(b, n)| (b, n)).collect(),
-                });
+                let store = Arc::new(FakeStore::new(&sink, &blocks));
                 let chain = FakeChain::new(10, transfer_logs(&blocks));
                 run_until_cursor(task(chain, sink.clone(), store.clone(), range), &store, 10).await;
                 let want: Vec<String> = (0..total).map(|i| i.to_string()).collect();
@@ -1248,13 +1255,7 @@ mod tests {
         let total: usize = blocks.iter().map(|b| b.1).sum();
         for (fail_at, fail_every) in [(3, Some(5)), (11, None), (40, Some(4))] {
             let sink = Arc::new(FakeSink { fail_calls: vec![fail_at, fail_at + 1], ..Default::default() });
-            let store = Arc::new(FakeStore {
-                sink: sink.clone(),
-                commits: Mutex::default(),
-                fenced: false,
-                lenient: false,
-                logs_by_block: blocks.iter().copied().collect(),
-            });
+            let store = Arc::new(FakeStore::new(&sink, &blocks));
             let chain =
                 FakeChain { max_range: Some(13), fail_every, ..FakeChain::new(600, transfer_logs(&blocks)) };
             run_until_cursor(task(chain, sink.clone(), store.clone(), 50), &store, 600).await;
@@ -1275,31 +1276,13 @@ mod tests {
         let blocks: Vec<(u64, usize)> = (1..=600).filter(|b| b % 5 == 0).map(|b| (b, 2)).collect();
         for (fork_block, fork_call) in [(150, 12), (100, 9), (40, 9), (200, 2)] {
             let sink = Arc::new(FakeSink::default());
-            let store = Arc::new(FakeStore {
-                sink: sink.clone(),
-                commits: Mutex::default(),
-                fenced: false,
-                logs_by_block: BTreeMap::new(),
-                lenient: true,
-            });
+            let store = Arc::new(FakeStore { lenient: true, ..FakeStore::new(&sink, &[]) });
             let chain = FakeChain {
                 fork: Some((fork_block, fork_call)),
                 ..FakeChain::new(600, transfer_logs(&blocks))
             };
             let chain = Arc::new(chain);
-            let mut t = task(FakeChain::default(), sink.clone(), store.clone(), 20);
-            t.chain = chain.clone();
-            t.live = Some(crate::live::LiveLogs::new(1, chain.clone(), 100, Metrics::new()));
-            t.heads = crate::heads::HeadTracker {
-                chain_id: 1,
-                rpc: chain.clone(),
-                ws_url: None,
-                poll_interval: Duration::from_millis(5),
-                request_timeout: Duration::from_secs(1),
-                metrics: Metrics::new(),
-            }
-            .spawn(CancellationToken::new());
-            run_until_cursor(t, &store, 600).await;
+            run_until_cursor(task(chain.clone(), sink.clone(), store.clone(), 20), &store, 600).await;
             assert!(chain.forked().is_some(), "the fork never happened");
 
             let stored = sink.stored.lock().unwrap();
@@ -1342,13 +1325,7 @@ mod tests {
             e.registration = 1;
             sink.stored.lock().unwrap().push(e);
         }
-        let store = Arc::new(FakeStore {
-            sink: sink.clone(),
-            commits: Mutex::default(),
-            fenced: false,
-            lenient: false,
-            logs_by_block: blocks.iter().map(|&(b, n)| (b, n)).collect(),
-        });
+        let store = Arc::new(FakeStore::new(&sink, &blocks));
         let chain = FakeChain::new(3, logs);
         run_until_cursor(task(chain, sink.clone(), store.clone(), 10), &store, 3).await;
         assert_eq!(values(&sink), ["0", "1", "2", "3", "4", "5"]);
@@ -1359,13 +1336,7 @@ mod tests {
     async fn a_log_too_large_to_publish_is_delivered_flagged_instead_of_stalling() {
         let blocks = [(1, 2), (2, 1)];
         let sink = Arc::new(FakeSink { max_data: Some(16), ..Default::default() });
-        let store = Arc::new(FakeStore {
-            sink: sink.clone(),
-            commits: Mutex::default(),
-            fenced: false,
-            lenient: false,
-            logs_by_block: blocks.iter().map(|&(b, n)| (b, n)).collect(),
-        });
+        let store = Arc::new(FakeStore::new(&sink, &blocks));
         let chain = FakeChain::new(2, transfer_logs(&blocks));
         run_until_cursor(task(chain, sink.clone(), store.clone(), 10), &store, 2).await;
         let stored = sink.stored.lock().unwrap();
@@ -1383,13 +1354,7 @@ mod tests {
         let blocks = [(2, 1), (5, 2), (6, 1), (9, 3)];
         for empty_every in [2, 3] {
             let sink = Arc::new(FakeSink::default());
-            let store = Arc::new(FakeStore {
-                sink: sink.clone(),
-                commits: Mutex::default(),
-                fenced: false,
-                lenient: false,
-                logs_by_block: blocks.iter().map(|&(b, n)| (b, n)).collect(),
-            });
+            let store = Arc::new(FakeStore::new(&sink, &blocks));
             let chain =
                 FakeChain { empty_every: Some(empty_every), ..FakeChain::new(10, transfer_logs(&blocks)) };
             // One block per range: every block's answer is checked against its bloom.
@@ -1401,13 +1366,7 @@ mod tests {
     #[tokio::test]
     async fn a_fenced_cursor_write_stops_the_task() {
         let sink = Arc::new(FakeSink::default());
-        let store = Arc::new(FakeStore {
-            sink: sink.clone(),
-            commits: Mutex::default(),
-            fenced: true,
-            lenient: false,
-            logs_by_block: BTreeMap::new(),
-        });
+        let store = Arc::new(FakeStore { fenced: true, ..FakeStore::new(&sink, &[]) });
         let chain = FakeChain::new(3, vec![]);
         let exit = task(chain, sink, store, 10).run(CancellationToken::new(), CancellationToken::new()).await;
         assert_eq!(exit, Exit::Fenced);
