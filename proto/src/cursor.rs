@@ -1,10 +1,16 @@
 //! A subscription's durable progress.
 //!
 //! The cursor names the last block whose matching logs have *all* been acknowledged by
-//! JetStream. It is written to etcd only after those acks, so a crash at any point replays
-//! from `block_number + 1` at worst (the replay collapses in JetStream's duplicate window and
-//! against the stream's own tail). It carries the block hash so that a worker resuming from it
-//! can tell whether that block is still canonical: progress and rollback are one concept.
+//! JetStream, along the chain whose block at that height had `block_hash`. It is written to
+//! etcd only after those acks, so a crash at any point replays from `block_number + 1` at
+//! worst (the replay is reconciled against the stream, which is the journal of what was
+//! published). Progress and rollback are one concept: the cursor carries the hashes of earlier
+//! checkpoints, so a worker that finds its block orphaned knows where to go back to.
+//!
+//! Each checkpoint also says where the journal must be read from to see everything that may
+//! still be live above it ([`Checkpoint::journal_seq`]): the invariant that makes
+//! reconciliation exact is that *every message still live in the fold for a block above a
+//! checkpoint has a stream sequence above its `journal_seq`*.
 
 use alloy_primitives::B256;
 use serde::{Deserialize, Serialize};
@@ -21,17 +27,28 @@ pub struct Cursor {
     /// a higher epoch than the cursor's resets it; messages carry the epoch in their id.
     #[serde(default)]
     pub epoch: u64,
-    /// Stream sequence of the last message published at or before `block_number` (0: none
-    /// known): where the journal of what came after starts.
+    /// Reorg generation: raised (and committed) before any retraction or repair is published,
+    /// and carried in the id of every message published after it, so a log added again after
+    /// its retraction is new to JetStream's duplicate window (A-B-A), while a crash replay in
+    /// the same generation still collapses.
+    #[serde(default)]
+    pub generation: u64,
+    /// Stream sequence of the last message of the subscription known stored when this cursor
+    /// was written (0: none): a subject whose tail is below it lost acknowledged messages.
     #[serde(default)]
     pub stream_seq: u64,
-    /// Earlier checkpoints, oldest first, within the reorg window: to find the common ancestor
-    /// when `block_hash` is no longer canonical, even after a restart or a takeover.
+    /// Where the journal must be read from to see every message still live above
+    /// `block_number` (see the module docs).
+    #[serde(default)]
+    pub journal_seq: u64,
+    /// Earlier checkpoints, oldest first, spaced exponentially (see [`Cursor::advance`]): to
+    /// find the common ancestor when `block_hash` is no longer canonical, even after a restart
+    /// or a takeover.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<Checkpoint>,
 }
 
-/// A block the subscription had fully processed, and the journal position after it.
+/// A block the subscription had fully processed, and where its journal starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Checkpoint {
@@ -39,14 +56,23 @@ pub struct Checkpoint {
     pub block_number: u64,
     /// Its hash when processed.
     pub block_hash: B256,
-    /// Stream sequence of the last message published at or before it.
-    pub stream_seq: u64,
+    /// Every message still live for a block above this one has a higher stream sequence.
+    #[serde(alias = "stream_seq")]
+    pub journal_seq: u64,
 }
 
 impl Cursor {
     /// A cursor at `block_number` without history.
     pub fn at(block_number: u64, block_hash: B256, epoch: u64) -> Self {
-        Self { block_number, block_hash, epoch, stream_seq: 0, history: Vec::new() }
+        Self {
+            block_number,
+            block_hash,
+            epoch,
+            generation: 0,
+            stream_seq: 0,
+            journal_seq: 0,
+            history: Vec::new(),
+        }
     }
 
     /// The first block still to be processed after this cursor.
@@ -59,25 +85,44 @@ impl Cursor {
         Checkpoint {
             block_number: self.block_number,
             block_hash: self.block_hash,
-            stream_seq: self.stream_seq,
+            journal_seq: self.journal_seq,
         }
     }
 
-    /// The cursor after processing up to `next`: this one joins the history, and checkpoints
-    /// more than `window` blocks below `next` are dropped. Pure.
-    pub fn advance(&self, next: Checkpoint, window: u64) -> Self {
+    /// The cursor after processing up to `next` (with `stream_seq` the last message known
+    /// stored): this one joins the history, which keeps the newest checkpoint of each
+    /// power-of-two distance below `next` ([`thin`]). Pure.
+    pub fn advance(&self, next: Checkpoint, stream_seq: u64) -> Self {
         let mut history = self.history.clone();
         if self.block_number < next.block_number && !self.block_hash.is_zero() {
             history.push(self.checkpoint());
         }
-        history
-            .retain(|c| c.block_number + window >= next.block_number && c.block_number < next.block_number);
+        history.retain(|c| c.block_number < next.block_number);
         Self {
             block_number: next.block_number,
             block_hash: next.block_hash,
             epoch: self.epoch,
-            stream_seq: next.stream_seq,
-            history,
+            generation: self.generation,
+            stream_seq: stream_seq.max(self.stream_seq),
+            journal_seq: next.journal_seq,
+            history: thin(history, next.block_number),
+        }
+    }
+
+    /// The cursor moved back to `to` (an unwind, a rewind or a repair): checkpoints at or
+    /// above it are dropped, since what they vouched for is being redone. Pure.
+    pub fn back_to(&self, to: Checkpoint, epoch: u64, generation: u64, stream_seq: u64) -> Self {
+        let history = self.checkpoints_newest_first().filter(|c| c.block_number < to.block_number).collect();
+        let mut history: Vec<Checkpoint> = history;
+        history.reverse();
+        Self {
+            block_number: to.block_number,
+            block_hash: to.block_hash,
+            epoch,
+            generation,
+            stream_seq: stream_seq.max(self.stream_seq),
+            journal_seq: to.journal_seq,
+            history: thin(history, to.block_number),
         }
     }
 
@@ -87,9 +132,34 @@ impl Cursor {
     }
 }
 
+/// Keeps, of checkpoints below block `top` (oldest first), the oldest one at each distance
+/// class `[2^k, 2^(k+1))` from `top`, so checkpoints age into the higher classes as the
+/// cursor moves on. A reorg `d` blocks deep therefore finds a checkpoint still canonical a
+/// small multiple of `d` blocks down (property-tested), the oldest checkpoint (where the
+/// epoch's progress began) is never dropped, and the history holds at most 64 entries (about
+/// `log2` of the blocks covered). Pure.
+pub fn thin(history: Vec<Checkpoint>, top: u64) -> Vec<Checkpoint> {
+    let class = |c: &Checkpoint| 64 - (top - c.block_number).leading_zeros();
+    let mut kept: Vec<Checkpoint> = Vec::with_capacity(history.len());
+    for c in history.into_iter().filter(|c| c.block_number < top) {
+        match kept.last() {
+            Some(last) if class(last) == class(&c) => {}
+            _ => kept.push(c),
+        }
+    }
+    kept
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn cp(n: u64) -> Checkpoint {
+        let mut hash = [0xff; 32];
+        hash[..8].copy_from_slice(&n.to_be_bytes());
+        Checkpoint { block_number: n, block_hash: B256::from(hash), journal_seq: n }
+    }
 
     #[test]
     fn round_trips_through_json() {
@@ -100,32 +170,77 @@ mod tests {
     }
 
     #[test]
-    fn advancing_keeps_a_bounded_history() {
+    fn advancing_keeps_a_thinned_history() {
         let mut c = Cursor::at(10, B256::repeat_byte(1), 0);
         for n in [20u64, 30, 40, 200] {
-            c = c.advance(
-                Checkpoint { block_number: n, block_hash: B256::repeat_byte(n as u8), stream_seq: n },
-                25,
-            );
+            c = c.advance(cp(n), n);
         }
         assert_eq!(c.block_number, 200);
-        assert!(c.history.is_empty(), "{:?}", c.history);
-        let c = c
-            .advance(Checkpoint { block_number: 210, block_hash: B256::repeat_byte(9), stream_seq: 211 }, 25);
-        assert_eq!(c.history.iter().map(|h| h.block_number).collect::<Vec<_>>(), [200]);
+        let kept: Vec<u64> = c.history.iter().map(|h| h.block_number).collect();
+        // Distances 190, 180, 170, 160: all in [128, 256), the oldest stays.
+        assert_eq!(kept, [10]);
+        let c = c.advance(cp(210), 211);
         let newest: Vec<u64> = c.checkpoints_newest_first().map(|c| c.block_number).collect();
-        assert_eq!(newest, [210, 200]);
+        assert_eq!(newest, [210, 200, 10]);
+        assert_eq!(c.stream_seq, 211);
     }
 
     #[test]
-    fn epoch_defaults_to_zero() {
-        let old = r#"{"block_number":1,"block_hash":"0x0000000000000000000000000000000000000000000000000000000000000000"}"#;
-        assert_eq!(serde_json::from_str::<Cursor>(old).unwrap().epoch, 0);
+    fn going_back_drops_what_is_redone() {
+        let mut c = Cursor::at(1, B256::repeat_byte(1), 0);
+        for n in 2..=40 {
+            c = c.advance(cp(n), n);
+        }
+        let back = c.back_to(cp(33), 0, 5, 0);
+        assert_eq!(back.block_number, 33);
+        assert_eq!(back.generation, 5);
+        assert_eq!(back.stream_seq, 40, "the last stored message is still known");
+        assert!(back.history.iter().all(|h| h.block_number < 33));
+        assert!(!back.history.is_empty());
+    }
+
+    #[test]
+    fn old_cursors_still_read() {
+        let old = r#"{"block_number":1,"block_hash":"0x0000000000000000000000000000000000000000000000000000000000000000","stream_seq":4,"history":[{"block_number":0,"block_hash":"0x0000000000000000000000000000000000000000000000000000000000000000","stream_seq":2}]}"#;
+        let c = serde_json::from_str::<Cursor>(old).unwrap();
+        assert_eq!((c.epoch, c.generation, c.stream_seq, c.journal_seq), (0, 0, 4, 0));
+        assert_eq!(c.history[0].journal_seq, 2);
     }
 
     #[test]
     fn rejects_unknown_fields() {
         let bad = r#"{"block_number":1,"block_hash":"0x0000000000000000000000000000000000000000000000000000000000000000","x":1}"#;
         assert!(serde_json::from_str::<Cursor>(bad).is_err());
+    }
+
+    proptest! {
+        /// Whatever ranges the cursor advances by, the history stays small, ordered and below
+        /// the cursor, keeps the first checkpoint, and a reorg of any depth finds a checkpoint
+        /// at or below the fork within four times its depth (or the oldest one).
+        #[test]
+        fn thinned_history_bounds_the_fork_search(steps in prop::collection::vec(1u64..200, 1..300)) {
+            let mut c = Cursor::at(1, B256::repeat_byte(1), 0);
+            let mut n = 1;
+            let mut all = vec![1];
+            for step in steps {
+                n += step;
+                c = c.advance(cp(n), n);
+                all.push(n);
+                prop_assert!(c.history.len() <= 64);
+                prop_assert!(c.history.windows(2).all(|w| w[0].block_number < w[1].block_number));
+                prop_assert!(c.history.iter().all(|h| h.block_number < c.block_number));
+                prop_assert_eq!(c.history.first().map(|h| h.block_number), Some(1));
+            }
+            let mut depth = 1;
+            while depth < c.block_number {
+                    let fork = c.block_number - depth;
+                    let found = c.checkpoints_newest_first().find(|k| k.block_number <= fork).unwrap();
+                    let best = *all.iter().rev().find(|b| **b <= fork).unwrap();
+                    let (found_depth, best_depth) = (c.block_number - found.block_number, c.block_number - best);
+                    prop_assert!(found.block_number == 1 || found_depth < 4 * best_depth,
+                        "depth {} found {} (best {}) at cursor {}", depth, found.block_number, best, c.block_number);
+                depth += 1 + depth / 8;
+            }
+        }
     }
 }

@@ -50,6 +50,12 @@ pub struct EventEnvelope {
     /// a rewind is delivered again even inside JetStream's duplicate window.
     #[serde(default)]
     pub rewind_epoch: u64,
+    /// Reorg generation of the subscription when this message was published: raised before
+    /// every retraction or repair, so a log published again after its retraction (its block
+    /// orphaned, then canonical again) has a new message id, while a crash replay in the same
+    /// generation keeps its id and is dropped by JetStream.
+    #[serde(default)]
+    pub reorg_generation: u64,
     /// Decoded arguments by parameter name; `null` when decoding failed (see `decode_error`).
     pub args: serde_json::Value,
     /// Why the log could not be decoded with the subscription's ABI; the raw `topics` and
@@ -65,8 +71,10 @@ pub struct EventEnvelope {
 impl EventEnvelope {
     /// The JetStream dedup id (`Nats-Msg-Id`) of this message:
     /// `<chain_id>:<subscription_id>@<registration>:<block_hash>:<log_index>`, then
-    /// `:e<epoch>` once the subscription has been rewound (epoch > 0), then `:removed` for a
-    /// retraction.
+    /// `:e<epoch>` once the subscription has been rewound (epoch > 0), then `:g<generation>`
+    /// once a reorg or repair raised the reorg generation (generation > 0), then `:removed` for
+    /// a retraction. A retraction carries the generation and epoch of the message it retracts,
+    /// so every retraction has an id of its own.
     ///
     /// A log is identified by the block *hash* (not number), so the same log re-included in a
     /// different block after a reorg is a different message, while any redelivery of the same
@@ -77,11 +85,23 @@ impl EventEnvelope {
     /// registered again under the same id, whose messages are new too.
     pub fn msg_id(&self) -> String {
         let epoch = if self.rewind_epoch > 0 { format!(":e{}", self.rewind_epoch) } else { String::new() };
+        let generation =
+            if self.reorg_generation > 0 { format!(":g{}", self.reorg_generation) } else { String::new() };
         let removed = if self.removed { ":removed" } else { "" };
         format!(
-            "{}:{}@{}:{}:{}{epoch}{removed}",
+            "{}:{}@{}:{}:{}{epoch}{generation}{removed}",
             self.chain_id, self.subscription_id, self.registration, self.block_hash, self.log_index
         )
+    }
+
+    /// The key a consumer folds the subscription's stream by: (block hash, log index).
+    pub fn fold_key(&self) -> (B256, u64) {
+        (self.block_hash, self.log_index)
+    }
+
+    /// The retraction of this message.
+    pub fn retraction(&self) -> Self {
+        Self { removed: true, ..self.clone() }
     }
 
     /// Position of the log in the subscription's order: (block number, log index).
@@ -110,6 +130,7 @@ mod tests {
             removed: false,
             registration: 7,
             rewind_epoch: 0,
+            reorg_generation: 0,
             args: serde_json::json!({"value": "1"}),
             decode_error: None,
             topics: vec![B256::repeat_byte(1)],
@@ -149,6 +170,8 @@ mod tests {
         assert_eq!(other.msg_id(), format!("{}:e1", base.msg_id()));
         other.removed = true;
         assert_eq!(other.msg_id(), format!("{}:e1:removed", base.msg_id()));
+        other.reorg_generation = 2;
+        assert_eq!(other.msg_id(), format!("{}:e1:g2:removed", base.msg_id()));
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub fn envelope(
         removed: false,
         registration: 0,
         rewind_epoch: 0,
+        reorg_generation: 0,
         args,
         decode_error,
         topics,

@@ -11,6 +11,8 @@
 //! - [`ranges`], [`limits`], [`decode`]: pure decisions (which blocks next, how many at once
 //!   given what providers refuse, log -> envelope).
 //! - [`heads`]: one head tracker per chain (socket or polling), its window of recent blocks.
+//! - [`journal`]: the subject folded as a consumer folds it, reconciled against the
+//!   canonical chain (pure: what to retract, skip and publish).
 //! - [`live`]: merged live fetching, one `eth_getLogs` per new range for every subscription at
 //!   the head.
 //! - [`readahead`]: a subscription's validated `eth_getLogs`, and the read-ahead that keeps
@@ -27,6 +29,7 @@ pub mod config;
 pub mod decode;
 pub mod endpoints;
 pub mod heads;
+pub mod journal;
 pub mod limits;
 pub mod live;
 pub mod membership;

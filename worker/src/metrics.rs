@@ -59,6 +59,8 @@ pub struct Metrics {
     pub retractions: IntCounterVec,
     /// Reorgs at least as deep as the subscription's confirmations (or beyond the window).
     pub deep_reorgs: IntCounterVec,
+    /// Subjects found ending below what the cursor says was stored, and published again.
+    pub stream_repairs: IntCounterVec,
     /// Last block whose logs are all acknowledged, per subscription.
     pub cursor_block: IntGaugeVec,
     /// Blocks between the chain head and the cursor, per subscription.
@@ -166,6 +168,11 @@ impl Metrics {
             deep_reorgs: counter_vec(
                 "herald_deep_reorgs_total",
                 "Reorgs at least as deep as the subscription's confirmations: published logs had to be retracted.",
+                sub,
+            ),
+            stream_repairs: counter_vec(
+                "herald_stream_repairs_total",
+                "Subjects that had lost acknowledged messages (their tail below the cursor's record) and were published again.",
                 sub,
             ),
             publish_errors: counter_vec("herald_publish_errors_total", "Failed publish attempts, retried.", sub),
@@ -335,6 +342,7 @@ impl Metrics {
             &self.publish_errors,
             &self.retractions,
             &self.deep_reorgs,
+            &self.stream_repairs,
         ] {
             counter.with_label_values(labels);
         }

@@ -3,9 +3,17 @@
 //!
 //! The invariant that makes delivery lossless is the order of the last two steps: the cursor
 //! names block `b` only after JetStream acknowledged every matching log up to and including
-//! `b`. A crash anywhere replays from the cursor; the replay is dropped by JetStream's
-//! duplicate window and, beyond it, by skipping what the stream's tail shows was already
-//! published (the stream is its own journal).
+//! `b`. A crash anywhere replays from the cursor.
+//!
+//! The stream is the journal of what was published, whoever published it. On every start
+//! (restart, takeover, resume), rewind and unwind the task *reconciles*: from the newest
+//! checkpoint of its cursor that is still canonical, it folds what the subject holds above it
+//! ([`crate::journal::Ledger`]), retracts whatever is live there but orphaned, and resumes
+//! from that checkpoint; each range then publishes only what is not live and canonical
+//! already. Resuming lower than needed is always safe; higher never is. Before anything is
+//! retracted or repaired, the cursor's reorg generation is raised and committed, so that what
+//! is published afterwards has new message ids (a log orphaned and later canonical again is
+//! not swallowed by JetStream's duplicate window).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -13,6 +21,8 @@ use std::time::Duration;
 
 use alloy_primitives::B256;
 use herald_proto::{Checkpoint, CompiledEvent, Cursor, EventEnvelope, Rewind, StartBlock, SubscriptionSpec};
+
+use crate::journal::{Ledger, Published};
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::{BlockRef, ChainRpc, LogQuery, RpcError};
@@ -88,8 +98,18 @@ const PUBLISH_BATCH: usize = 10_000;
 /// Fast-ingest attempts for a batch before its messages go one by one.
 const BATCH_ATTEMPTS: u32 = 2;
 
-/// Blocks of checkpoints kept in the cursor to find a common ancestor after a reorg.
-const REORG_WINDOW: u64 = 128;
+/// Why the task reconciles the subject with the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// It starts: a restart, a takeover, a resume.
+    Start,
+    /// The cursor's block is no longer canonical.
+    Unwind,
+    /// A rewind is to be applied: the cursor moves back into its epoch.
+    Rewind(Rewind),
+    /// The subject's tail is below what the cursor says was stored.
+    Repair,
+}
 
 /// Where a task stands.
 struct Progress {
@@ -99,9 +119,13 @@ struct Progress {
     next: u64,
     /// Rewind epoch of everything it publishes.
     epoch: u64,
-    /// Logs at or before this position are already in the stream (from its tail at start).
-    published_through: Option<(u64, u64)>,
-    /// Stream sequence of the last message this task stored (or found stored).
+    /// Reorg generation of everything it publishes.
+    generation: u64,
+    /// What the subject holds live above the cursor (read at the last reconciliation).
+    ledger: Ledger,
+    /// Which live logs count as published already.
+    published: Published,
+    /// Stream sequence of the newest message of the subject known stored.
     last_seq: u64,
     /// Whether the missing finality tags of the chain were reported already.
     reported_no_finality: bool,
@@ -116,17 +140,14 @@ struct Progress {
 
 impl Progress {
     fn from_cursor(cursor: Cursor) -> Self {
-        Self {
-            next: cursor.next_block(),
-            epoch: cursor.epoch,
-            last_seq: cursor.stream_seq,
-            published_through: None,
-            cursor: Some(cursor),
-            reported_no_finality: false,
-            sizer: RangeSizer::new(1),
-            last_commit: None,
-            uncommitted: false,
-        }
+        let mut p = Self::fresh(cursor.next_block());
+        p.epoch = cursor.epoch;
+        p.generation = cursor.generation;
+        p.last_seq = cursor.stream_seq;
+        p.published.epoch = cursor.epoch;
+        p.ledger = Ledger::empty(cursor.block_number);
+        p.cursor = Some(cursor);
+        p
     }
 
     fn fresh(next: u64) -> Self {
@@ -134,7 +155,9 @@ impl Progress {
             cursor: None,
             next,
             epoch: 0,
-            published_through: None,
+            generation: 0,
+            ledger: Ledger::empty(next.saturating_sub(1)),
+            published: Published { epoch: 0, any_epoch_below: 0 },
             last_seq: 0,
             reported_no_finality: false,
             sizer: RangeSizer::new(1),
@@ -184,25 +207,18 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         };
         progress.sizer = RangeSizer::new(self.max_block_range);
         let subject = self.spec.subject();
-        let Some(tail) = retry("read the stream tail", &cancel, || self.sink.last_published(&subject)).await
-        else {
-            return Exit::Cancelled;
+        let step = tokio::select! {
+            _ = drain.cancelled() => return Exit::Drained,
+            step = self.start(&mut progress, &subject, &cancel) => step,
         };
-        // Only messages of this registration and epoch count: after a rewind, or a delete and
-        // re-registration of the id, the stream's tail belongs to the past and everything is to
-        // be published again.
-        progress.published_through = tail
-            .filter(|e| {
-                e.subscription_id == self.spec.id
-                    && e.registration == self.registration
-                    && e.rewind_epoch == progress.epoch
-                    && !e.removed
-            })
-            .map(|e| e.position());
+        if let Some(exit) = step {
+            return exit;
+        }
         tracing::info!(
             next_block = progress.next,
             epoch = progress.epoch,
-            published_through = ?progress.published_through,
+            generation = progress.generation,
+            live_above_cursor = progress.ledger.len(),
             %subject,
             "subscription started"
         );
@@ -276,22 +292,10 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         }
     }
 
-    /// Where to start, and in which rewind epoch: a pending rewind (epoch above the cursor's)
-    /// moves the cursor to just before its block; otherwise after the cursor; otherwise the
-    /// spec's start block. A `latest` start is pinned by committing a cursor at once, so a
-    /// restart does not move it.
+    /// Where to start: after the cursor, else the spec's start block. A `latest` start is
+    /// pinned by committing a cursor at once, so a restart does not move it.
     async fn resume_point(&self, cancel: &CancellationToken) -> Option<Progress> {
         let cursor = retry("load the cursor", cancel, || self.store.load_cursor(&self.spec.id)).await?;
-        let cursor_epoch = cursor.as_ref().map_or(0, |c| c.epoch);
-        if let Some(rewind) = self.rewind.filter(|r| r.epoch > cursor_epoch) {
-            let from = rewind.from_block.max(1);
-            let block =
-                retry("read the block before the rewind", cancel, || self.chain.block(from - 1)).await?;
-            let cursor = Cursor::at(from - 1, block.hash, rewind.epoch);
-            self.commit(&cursor, cancel).await.ok()?;
-            tracing::info!(from_block = from, epoch = rewind.epoch, "rewound");
-            return Some(Progress::from_cursor(cursor));
-        }
         if let Some(cursor) = cursor {
             return Some(Progress::from_cursor(cursor));
         }
@@ -319,6 +323,81 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 Some(Progress::from_cursor(cursor))
             }
         }
+    }
+
+    /// Reconciles the subject with the chain before the first range: repairs a subject that
+    /// lost acknowledged messages, retracts what an earlier owner (or this one, before a
+    /// crash) left live but orphaned, then applies a pending rewind (epoch above the
+    /// cursor's). `Some(exit)` if the task must stop.
+    async fn start(&self, p: &mut Progress, subject: &str, cancel: &CancellationToken) -> Option<Exit> {
+        let mut backoff = Backoff::network();
+        loop {
+            match self.start_once(p, subject, cancel).await {
+                Ok(Step::Exit(exit)) => return Some(exit),
+                Ok(_) => return None,
+                Err(e) => {
+                    if backoff.attempts() == 0 {
+                        tracing::warn!(error = %e, "reconciling the subject with the chain failed, retrying with backoff");
+                    }
+                    if !pause(&mut backoff, cancel).await {
+                        return Some(Exit::Cancelled);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn start_once(
+        &self,
+        p: &mut Progress,
+        subject: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Step, RpcError> {
+        let journal_error =
+            |e: PublishError| RpcError::Transport { method: "journal", message: e.to_string() };
+        let tail = tokio::select! {
+            _ = cancel.cancelled() => return Ok(Step::Exit(Exit::Cancelled)),
+            t = self.sink.tail(subject) => t.map_err(journal_error)?,
+        };
+        let tail_seq = tail.as_ref().map_or(0, |(seq, _)| *seq);
+        // The subject ends below what the cursor says was stored: acknowledged messages were
+        // lost (a stream that had not synced them to disk), unless the stream's own retention
+        // removed them. Everything from the tail's block is published again.
+        let mut repair = None;
+        if let Some(cursor) = &p.cursor
+            && tail_seq < cursor.stream_seq
+        {
+            let first_seq = tokio::select! {
+                _ = cancel.cancelled() => return Ok(Step::Exit(Exit::Cancelled)),
+                f = self.sink.first_seq() => f.map_err(journal_error)?,
+            };
+            if first_seq <= cursor.stream_seq {
+                let from = tail.as_ref().map_or(0, |(_, e)| e.block_number);
+                tracing::warn!(
+                    tail_seq,
+                    cursor_seq = cursor.stream_seq,
+                    from_block = from,
+                    "the subject lost acknowledged messages; publishing them again"
+                );
+                self.metrics.stream_repairs.with_label_values(&self.labels()).inc();
+                repair = Some(from.saturating_sub(1));
+            }
+        }
+        p.last_seq = p.last_seq.max(tail_seq);
+        let view = self.heads.now();
+        let pending_rewind = self.rewind.filter(|r| r.epoch > p.epoch);
+        let (limit, why) = match (repair, pending_rewind) {
+            (Some(limit), _) => (limit, Why::Repair),
+            (None, Some(rewind)) => (rewind.from_block.max(1) - 1, Why::Rewind(rewind)),
+            (None, None) => (p.next.saturating_sub(1), Why::Start),
+        };
+        let step = self.reconcile(p, &view, subject, limit, why, cancel).await?;
+        if let Some(rewind) = self.rewind.filter(|r| r.epoch == p.epoch) {
+            // Below the rewind's block, blocks are redone (what is live counts); from it on,
+            // replayed in the new epoch.
+            p.published = Published { epoch: rewind.epoch, any_epoch_below: rewind.from_block };
+        }
+        Ok(step)
     }
 
     /// The task's own `eth_getLogs`, decoding in rewind epoch `epoch`.
@@ -397,7 +476,8 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 return Ok(Step::Exit(Exit::Cancelled));
             };
             if now.hash != cursor.block_hash {
-                return self.unwind(p, &cursor, subject, cancel).await;
+                fetching.ahead = None;
+                return self.reconcile(p, view, subject, cursor.block_number, Why::Unwind, cancel).await;
             }
         }
         let Some(range) = next_range(p.next, target, p.sizer.span()) else {
@@ -422,7 +502,9 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             };
             if let Ok(Some(logs)) = shared {
                 let envelopes = fetching.reader.decoder.envelopes(&logs);
-                return self.deliver(p, envelopes, to, last_block.hash, head, target, subject, cancel).await;
+                return self
+                    .deliver(p, envelopes, (from, to), last_block.hash, view, head, target, subject, cancel)
+                    .await;
             }
         }
         let logs = match self.fetch_logs(&fetching.reader, &query, view, &last_block, cancel).await {
@@ -432,7 +514,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         };
         p.sizer.answered(span, logs.len());
         let envelopes = fetching.reader.decoder.envelopes(&logs);
-        self.deliver(p, envelopes, to, last_block.hash, head, target, subject, cancel).await
+        self.deliver(p, envelopes, (from, to), last_block.hash, view, head, target, subject, cancel).await
     }
 
     /// Catching up (up to block `target`): publishes the next range of the read-ahead,
@@ -479,11 +561,22 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             && range.parent_hash != cursor.block_hash
         {
             fetching.ahead = None;
-            return self.unwind(p, &cursor, subject, cancel).await;
+            return self.reconcile(p, view, subject, cursor.block_number, Why::Unwind, cancel).await;
         }
         fetching.depth.succeeded();
         p.sizer.answered(span, range.logs);
-        self.deliver(p, range.envelopes, range.to, range.last_block.hash, head, target, subject, cancel).await
+        self.deliver(
+            p,
+            range.envelopes,
+            (range.from, range.to),
+            range.last_block.hash,
+            view,
+            head,
+            target,
+            subject,
+            cancel,
+        )
+        .await
     }
 
     /// What a failed `eth_getLogs` of `span` blocks teaches the range sizer: a refusal or a
@@ -506,31 +599,76 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         }
     }
 
-    /// Publishes the subscription's logs of a range ending at block `to` (hash `to_hash`) and
-    /// commits the cursor there.
+    /// Settles the range `from..=to` (its last block's hash `to_hash`) against what the
+    /// subject holds live there, publishes what is missing (after retracting what was
+    /// orphaned), and commits the cursor at `to`.
     #[allow(clippy::too_many_arguments)]
     async fn deliver(
         &self,
         p: &mut Progress,
         envelopes: Vec<EventEnvelope>,
-        to: u64,
+        (from, to): (u64, u64),
         to_hash: B256,
+        view: &ChainView,
         head: u64,
         target: u64,
         subject: &str,
         cancel: &CancellationToken,
     ) -> Result<Step, RpcError> {
         let labels = self.labels();
-
-        // What a previous owner already stored (the stream's tail at start) is skipped.
-        let mut envelopes = envelopes;
-        if let Some(through) = p.published_through {
-            envelopes.retain(|e| e.position() > through);
-            if !envelopes.is_empty() {
-                p.published_through = None;
+        // What the subject already holds live in the range: skipped when canonical, retracted
+        // when its block was orphaned.
+        let mut hashes: BTreeMap<u64, B256> = BTreeMap::from([(to, to_hash)]);
+        let with_logs: BTreeSet<u64> = envelopes.iter().map(|e| e.block_number).collect();
+        for number in p.ledger.blocks_in(from, to) {
+            if !with_logs.contains(&number)
+                && self.canonical_hash(view, number, &mut hashes, cancel).await?.is_none()
+            {
+                return Ok(Step::Exit(Exit::Cancelled));
             }
         }
-        for envelope in &envelopes {
+        let settled = p.ledger.settle(from, to, envelopes, |n| hashes.get(&n).copied(), p.published);
+        if !settled.retract.is_empty() {
+            // Raise the generation first (committed), so that whatever is published from now on
+            // has new message ids.
+            let at = match &p.cursor {
+                Some(cursor) => cursor.clone(),
+                None => {
+                    let Some(hash) = self.canonical_hash(view, from - 1, &mut hashes, cancel).await? else {
+                        return Ok(Step::Exit(Exit::Cancelled));
+                    };
+                    Cursor {
+                        journal_seq: p.ledger.journal_floor(from - 1, 0),
+                        ..Cursor::at(from - 1, hash, p.epoch)
+                    }
+                }
+            };
+            let raised =
+                Cursor { generation: p.generation + 1, stream_seq: at.stream_seq.max(p.last_seq), ..at };
+            if let Err(exit) = self.commit(&raised, cancel).await {
+                return Ok(Step::Exit(exit));
+            }
+            p.generation = raised.generation;
+            p.cursor = Some(raised);
+            for retraction in &settled.retract {
+                match self.publish(subject, retraction, cancel).await {
+                    Ok(sequence) => p.last_seq = p.last_seq.max(sequence),
+                    Err(exit) => return Ok(Step::Exit(exit)),
+                }
+                self.metrics.retractions.with_label_values(&labels).inc();
+            }
+            tracing::info!(
+                from,
+                to,
+                retracted = settled.retract.len(),
+                generation = p.generation,
+                "retracted live logs of orphaned blocks"
+            );
+        }
+        let mut envelopes = settled.publish;
+        for envelope in &mut envelopes {
+            envelope.rewind_epoch = p.epoch;
+            envelope.reorg_generation = p.generation;
             if let Some(error) = &envelope.decode_error {
                 self.metrics.decode_failures.with_label_values(&labels).inc();
                 tracing::warn!(
@@ -548,15 +686,25 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             }
         }
 
-        let checkpoint = Checkpoint { block_number: to, block_hash: to_hash, stream_seq: p.last_seq };
+        let checkpoint = Checkpoint {
+            block_number: to,
+            block_hash: to_hash,
+            journal_seq: p.ledger.journal_floor(to, p.last_seq),
+        };
         let cursor = match &p.cursor {
-            Some(previous) => previous.advance(checkpoint, REORG_WINDOW.max(2 * self.spec.confirmations)),
-            None => Cursor { stream_seq: p.last_seq, ..Cursor::at(to, to_hash, p.epoch) },
+            Some(previous) => previous.advance(checkpoint, p.last_seq),
+            None => Cursor {
+                generation: p.generation,
+                stream_seq: p.last_seq,
+                journal_seq: checkpoint.journal_seq,
+                ..Cursor::at(to, to_hash, p.epoch)
+            },
         };
         // A range that published nothing needs no prompt commit: replaying it after a crash
         // publishes nothing either. Committing it at most every idle_commit_interval keeps
         // thousands of quiet subscriptions from writing to etcd on every block.
         let due = !envelopes.is_empty()
+            || !settled.retract.is_empty()
             || p.cursor.is_none()
             || p.last_commit.is_none_or(|at| at.elapsed() >= self.idle_commit_interval);
         if due {
@@ -673,125 +821,200 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         }
     }
 
-    /// The chain no longer has the cursor's block: find where it forked, retract (newest first)
-    /// every message published from orphaned blocks, and move the cursor back to the last block
-    /// before the fork, from where the new canonical logs are published. The journal of what was
-    /// published is the stream itself, from the newest checkpoint that is still canonical.
-    async fn unwind(
+    /// Reconciles the subject with the chain from the newest checkpoint at or below block
+    /// `limit` that is still canonical (the common ancestor of what was published and the
+    /// chain): folds what the subject holds above it, whoever published it, raises and
+    /// commits the reorg generation if anything is to be retracted or repaired, moves the
+    /// cursor back to the checkpoint, and retracts (newest first) every live log of an
+    /// orphaned block. The ranges above it are then fetched again, and publish only what is
+    /// not live and canonical already.
+    async fn reconcile(
         &self,
         p: &mut Progress,
-        cursor: &Cursor,
+        view: &ChainView,
         subject: &str,
+        limit: u64,
+        why: Why,
         cancel: &CancellationToken,
     ) -> Result<Step, RpcError> {
         let labels = self.labels();
         let mut hashes: BTreeMap<u64, B256> = BTreeMap::new();
-        let mut canonical_hash = async |number: u64| -> Result<Option<B256>, RpcError> {
-            if let Some(hash) = hashes.get(&number) {
-                return Ok(Some(*hash));
-            }
-            let block = self.call(self.chain.block(number), "eth_getBlockByNumber", cancel).await?;
-            Ok(block.map(|b| {
-                hashes.insert(number, b.hash);
-                b.hash
-            }))
-        };
-        // 1. The newest checkpoint still canonical bounds the journal to read.
+        // 1. The newest checkpoint still canonical (the fold at and below it is the chain's),
+        // and the newest at or below `limit`, whose journal position bounds what to read.
+        let mut anchor = None;
         let mut floor = None;
-        for checkpoint in cursor.checkpoints_newest_first().skip(1) {
-            let Some(hash) = canonical_hash(checkpoint.block_number).await? else {
-                return Ok(Step::Exit(Exit::Cancelled));
-            };
-            if hash == checkpoint.block_hash {
-                floor = Some(checkpoint);
-                break;
-            }
-        }
-        let beyond_window = floor.is_none();
-        let floor = floor.unwrap_or_else(|| {
-            let oldest = cursor.history.first().copied().unwrap_or_else(|| cursor.checkpoint());
-            Checkpoint {
-                block_number: oldest.block_number.saturating_sub(1),
-                block_hash: B256::ZERO,
-                stream_seq: 0,
-            }
-        });
-        // 2. What was published after it, by this registration and epoch.
-        let journal = tokio::select! {
-            _ = cancel.cancelled() => return Ok(Step::Exit(Exit::Cancelled)),
-            j = self.sink.journal_after(subject, floor.stream_seq) => j,
-        };
-        let journal =
-            journal.map_err(|e| RpcError::Transport { method: "journal", message: e.to_string() })?;
-        let mine: Vec<&(u64, EventEnvelope)> = journal
-            .iter()
-            .filter(|(_, e)| e.registration == self.registration && e.rewind_epoch == p.epoch)
-            .collect();
-        let already_retracted: BTreeSet<String> = mine
-            .iter()
-            .filter(|(_, e)| e.removed)
-            .map(|(_, e)| EventEnvelope { removed: false, ..e.clone() }.msg_id())
-            .collect();
-        // 3. The fork: the first published block that is no longer canonical.
-        let mut orphaned: Vec<&EventEnvelope> = Vec::new();
-        let mut fork = None;
-        for (_, e) in mine.iter().filter(|(_, e)| !e.removed) {
-            if fork.is_none() {
-                let Some(hash) = canonical_hash(e.block_number).await? else {
+        if let Some(cursor) = &p.cursor {
+            for checkpoint in cursor.checkpoints_newest_first() {
+                if checkpoint.block_number <= limit && anchor.is_some() {
+                    // Below a canonical checkpoint, the processed chain is the canonical one.
+                    floor = Some(checkpoint);
+                    break;
+                }
+                if checkpoint.block_hash.is_zero() {
+                    continue;
+                }
+                let Some(hash) =
+                    self.canonical_hash(view, checkpoint.block_number, &mut hashes, cancel).await?
+                else {
                     return Ok(Step::Exit(Exit::Cancelled));
                 };
-                if hash != e.block_hash {
-                    fork = Some(e.block_number);
+                if hash == checkpoint.block_hash {
+                    anchor = Some(checkpoint);
+                    if checkpoint.block_number <= limit {
+                        floor = Some(checkpoint);
+                        break;
+                    }
                 }
             }
-            if fork.is_some() && !already_retracted.contains(&e.msg_id()) {
-                orphaned.push(e);
+        }
+        let beyond_checkpoints = anchor.is_none() && p.cursor.is_some();
+        let floor = match floor {
+            Some(floor) => floor,
+            None => {
+                // No checkpoint vouches for anything at or below `limit` (a fresh task, a
+                // rewind below every checkpoint, or a reorg deeper than all of them): from the
+                // subscription's start (for a `latest` start, from before its pinned first
+                // checkpoint), reading the whole subject.
+                let oldest = p.cursor.as_ref().and_then(|c| c.checkpoints_newest_first().last());
+                let origin = match (self.spec.start_block, oldest) {
+                    (StartBlock::Number(n), _) => n.saturating_sub(1),
+                    (StartBlock::Latest, Some(oldest)) => oldest.block_number.saturating_sub(1),
+                    (StartBlock::Latest, None) => p.next.saturating_sub(1),
+                };
+                let block_number = if anchor.is_some() { limit } else { limit.min(origin) };
+                Checkpoint { block_number, block_hash: B256::ZERO, journal_seq: 0 }
+            }
+        };
+        // 2. What the subject holds above it.
+        let mut ledger = Ledger::empty(floor.block_number);
+        if p.last_seq > floor.journal_seq {
+            let journal = tokio::select! {
+                _ = cancel.cancelled() => return Ok(Step::Exit(Exit::Cancelled)),
+                j = self.sink.journal_after(subject, floor.journal_seq) => j,
+            };
+            let journal =
+                journal.map_err(|e| RpcError::Transport { method: "journal", message: e.to_string() })?;
+            p.last_seq = p.last_seq.max(journal.last().map_or(0, |(seq, _)| *seq));
+            ledger = Ledger::fold(floor.block_number, self.registration, journal);
+        }
+        // Where to resume: the floor, or `limit` itself when a canonical checkpoint above it
+        // vouches for the blocks in between.
+        let resume = if anchor.is_some_and(|a| a.block_number > limit) || floor.block_hash.is_zero() {
+            let number = if anchor.is_some() { limit } else { floor.block_number };
+            let hash = if p.cursor.is_some() || why != Why::Start {
+                let Some(hash) = self.canonical_hash(view, number, &mut hashes, cancel).await? else {
+                    return Ok(Step::Exit(Exit::Cancelled));
+                };
+                hash
+            } else {
+                B256::ZERO
+            };
+            Checkpoint {
+                block_number: number,
+                block_hash: hash,
+                journal_seq: ledger.journal_floor(number, p.last_seq).min(p.last_seq),
+            }
+        } else {
+            floor
+        };
+        ledger.forget_through(resume.block_number);
+        // 3. Live logs of orphaned blocks (blocks above the head stay until it gets there).
+        let head = view.head().unwrap_or(0);
+        for number in ledger.blocks_in(resume.block_number + 1, head) {
+            if self.canonical_hash(view, number, &mut hashes, cancel).await?.is_none() {
+                return Ok(Step::Exit(Exit::Cancelled));
             }
         }
-        // 4. Retract, newest first.
-        for e in orphaned.iter().rev() {
-            let retraction = EventEnvelope { removed: true, ..(*e).clone() };
-            match self.publish(subject, &retraction, cancel).await {
+        let retractions = ledger.take_orphaned(|n| hashes.get(&n).copied());
+        // 4. Raise the generation before retracting or repairing anything, and move back.
+        let generation = p.generation + u64::from(!retractions.is_empty() || why == Why::Repair);
+        let epoch = match why {
+            Why::Rewind(rewind) => rewind.epoch,
+            _ => p.epoch,
+        };
+        let moved = match &p.cursor {
+            Some(cursor) => {
+                let back = cursor.back_to(resume, epoch, generation, p.last_seq);
+                (back != *cursor).then_some(back)
+            }
+            None if generation > p.generation || epoch != p.epoch => Some(Cursor {
+                generation,
+                stream_seq: p.last_seq,
+                journal_seq: resume.journal_seq,
+                ..Cursor::at(resume.block_number, resume.block_hash, epoch)
+            }),
+            None => None,
+        };
+        if let Some(cursor) = moved {
+            if let Err(exit) = self.commit(&cursor, cancel).await {
+                return Ok(Step::Exit(exit));
+            }
+            p.next = cursor.next_block();
+            p.cursor = Some(cursor);
+            p.last_commit = Some(std::time::Instant::now());
+            p.uncommitted = false;
+        }
+        p.generation = generation;
+        p.epoch = epoch;
+        p.published.epoch = epoch;
+        let floor = resume;
+        // 5. Retract, newest first.
+        for retraction in &retractions {
+            match self.publish(subject, retraction, cancel).await {
                 Ok(sequence) => p.last_seq = p.last_seq.max(sequence),
                 Err(exit) => return Ok(Step::Exit(exit)),
             }
             self.metrics.retractions.with_label_values(&labels).inc();
         }
-        // 5. Back to the last canonical block before the fork.
-        // Everything read was published after the floor, so a fork is always above it; without
-        // a canonical checkpoint the floor is only a guess and the fork decides.
-        let resume = fork.map_or(floor.block_number, |f| f.saturating_sub(1));
-        let Some(resume_hash) = canonical_hash(resume).await? else {
-            return Ok(Step::Exit(Exit::Cancelled));
-        };
-        // The cursor only ever names blocks `confirmations` deep, so with confirmations > 0 any
-        // reorg that reaches it is deeper than promised: it must never pass silently.
-        let unwound = cursor.block_number.saturating_sub(resume);
-        if self.spec.confirmations > 0 {
-            self.metrics.deep_reorgs.with_label_values(&labels).inc();
-            tracing::warn!(
-                unwound,
-                confirmations = self.spec.confirmations,
-                beyond_window,
-                "reorg deeper than the subscription's confirmations; published logs retracted"
+        p.ledger = ledger;
+        if why == Why::Unwind {
+            let unwound = limit.saturating_sub(floor.block_number);
+            // The cursor only ever names blocks `confirmations` deep, so with confirmations > 0
+            // any reorg that reaches it is deeper than promised: it must never pass silently.
+            if self.spec.confirmations > 0 {
+                self.metrics.deep_reorgs.with_label_values(&labels).inc();
+                tracing::warn!(
+                    unwound,
+                    confirmations = self.spec.confirmations,
+                    beyond_checkpoints,
+                    "reorg deeper than the subscription's confirmations; published logs retracted"
+                );
+            }
+            tracing::info!(
+                from_block = limit,
+                to_block = floor.block_number,
+                retracted = retractions.len(),
+                generation,
+                "chain reorganised; published logs from orphaned blocks retracted"
+            );
+        } else if !retractions.is_empty() {
+            tracing::info!(
+                ?why,
+                retracted = retractions.len(),
+                generation,
+                "retracted what the subject held from orphaned blocks"
             );
         }
-
-        tracing::info!(
-            from_block = cursor.block_number,
-            to_block = resume,
-            retracted = orphaned.len(),
-            "chain reorganised; published logs from orphaned blocks retracted"
-        );
-        let mut rewound = Cursor { stream_seq: p.last_seq, ..Cursor::at(resume, resume_hash, p.epoch) };
-        rewound.history = cursor.history.iter().filter(|c| c.block_number < resume).copied().collect();
-        if let Err(exit) = self.commit(&rewound, cancel).await {
-            return Ok(Step::Exit(exit));
-        }
-        p.next = rewound.next_block();
-        p.cursor = Some(rewound);
-        p.published_through = None;
         Ok(Step::Continue)
+    }
+
+    /// The canonical hash at `number` (the window, else `cache`, else the endpoint), cached.
+    /// `Ok(None)` if cancelled.
+    async fn canonical_hash(
+        &self,
+        view: &ChainView,
+        number: u64,
+        cache: &mut BTreeMap<u64, B256>,
+        cancel: &CancellationToken,
+    ) -> Result<Option<B256>, RpcError> {
+        if let Some(hash) = cache.get(&number) {
+            return Ok(Some(*hash));
+        }
+        let Some(block) = self.canonical_block(view, number, cancel).await? else {
+            return Ok(None);
+        };
+        cache.insert(number, block.hash);
+        Ok(Some(block.hash))
     }
 
     /// The canonical block at `number`: from the head tracker's window when recent, else from
@@ -1059,8 +1282,12 @@ mod tests {
             }
             Ok(self.stored.lock().unwrap().len() as u64)
         }
-        async fn last_published(&self, _subject: &str) -> Result<Option<EventEnvelope>, PublishError> {
-            Ok(self.stored.lock().unwrap().last().cloned())
+        async fn tail(&self, _subject: &str) -> Result<Option<(u64, EventEnvelope)>, PublishError> {
+            let stored = self.stored.lock().unwrap();
+            Ok(stored.last().map(|e| (stored.len() as u64, e.clone())))
+        }
+        async fn first_seq(&self) -> Result<u64, PublishError> {
+            Ok(1)
         }
         async fn journal_after(
             &self,

@@ -81,12 +81,17 @@ pub trait EventSink: Send + Sync + 'static {
         envelopes: &[EventEnvelope],
     ) -> impl Future<Output = Result<u64, PublishError>> + Send;
 
-    /// The last envelope stored on `subject`, if any: the stream is the journal of what was
-    /// published, which lets a (re)starting owner skip what is already there.
-    fn last_published(
+    /// The last envelope stored on `subject`, if any, with its stream sequence: where the
+    /// journal of what was published ends, and whether it ends below what the cursor says was
+    /// stored (lost messages).
+    fn tail(
         &self,
         subject: &str,
-    ) -> impl Future<Output = Result<Option<EventEnvelope>, PublishError>> + Send;
+    ) -> impl Future<Output = Result<Option<(u64, EventEnvelope)>, PublishError>> + Send;
+
+    /// The stream's first sequence: messages below it are gone by the stream's own retention
+    /// (age, purge), not lost.
+    fn first_seq(&self) -> impl Future<Output = Result<u64, PublishError>> + Send;
 
     /// Every envelope stored on `subject` after stream sequence `after`, in order, with its
     /// sequence: what to retract when the blocks they came from are orphaned.
@@ -408,17 +413,24 @@ impl EventSink for JetStreamSink {
         Ok(out)
     }
 
-    async fn last_published(&self, subject: &str) -> Result<Option<EventEnvelope>, PublishError> {
+    async fn tail(&self, subject: &str) -> Result<Option<(u64, EventEnvelope)>, PublishError> {
         let stream = self
             .js
             .get_stream_no_info(&self.stream_name)
             .await
             .map_err(|e| PublishError::Nats(e.to_string()))?;
         match stream.get_last_raw_message_by_subject(subject).await {
-            Ok(message) => Ok(serde_json::from_slice(&message.payload).ok()),
+            Ok(message) => Ok(serde_json::from_slice(&message.payload).ok().map(|e| (message.sequence, e))),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(PublishError::Nats(e.to_string())),
         }
+    }
+
+    async fn first_seq(&self) -> Result<u64, PublishError> {
+        let mut stream =
+            self.js.get_stream(&self.stream_name).await.map_err(|e| PublishError::Nats(e.to_string()))?;
+        let info = stream.info().await.map_err(|e| PublishError::Nats(e.to_string()))?;
+        Ok(info.state.first_sequence)
     }
 }
 
