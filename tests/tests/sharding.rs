@@ -480,3 +480,55 @@ async fn a_worker_resumed_after_its_lease_expired_publishes_nothing_under_the_ne
     .await?;
     Ok(())
 }
+
+/// Issue 13, defect 4. A drain request outlived the process it was meant for (written under a
+/// lease that etcd kept alive after that process had gone), and the next process with the same
+/// worker id obeyed it and exited at once. A drain request is for the process whose lease it is
+/// bound to; a worker deletes the one left for its id when it ends; one meant for it still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_request_never_reaches_a_later_process_with_the_same_worker_id() -> anyhow::Result<()> {
+    use herald_proto::{Keyspace, WorkerId};
+    use herald_tests::register_subscription;
+    init_tracing();
+    let stack = Stack::start().await?;
+    let mut etcd = stack.etcd.client().await?;
+    let drain_key = Keyspace::default().drain(&WorkerId::new("worker-x")?);
+    // What the earlier process left: a drain request under a lease that is still alive.
+    let earlier = etcd.lease_grant(120, None).await?.id();
+    etcd.put(drain_key.as_str(), "", Some(etcd_client::PutOptions::new().with_lease(earlier))).await?;
+    let spec = stack.subscription("sub-x", herald_tests::chain::TRANSFER_EVENT);
+    register_subscription(&mut etcd, &spec, "worker-x").await?;
+    let reader = StreamReader::connect(&stack.nats.url()).await?;
+
+    // A later process with the same id sees it, ignores it, and serves its subscription.
+    let mut x = WorkerProcess::start(stack.worker_settings("worker-x"))?;
+    let log = wait_for("worker-x to judge the drain request", TIMEOUT, || async {
+        let log = x.log();
+        (log.contains("ignoring a drain request") || log.contains("drain requested")).then_some(log)
+    })
+    .await?;
+    assert!(!log.contains("drain requested"), "a later process obeyed an earlier one's drain\n{log}");
+    stack.chain.emit_many(3).await?;
+    reader.wait_for_count(&spec.subject(), 3, TIMEOUT).await?;
+    assert_eq!(x.try_exit_code(), None, "worker-x exited\n{}", x.log_tail());
+
+    // When it ends, the request left for its id goes with it.
+    assert_eq!(x.terminate().await, Some(0), "{}", x.log_tail());
+    let left = etcd.get(drain_key.as_str(), None).await?;
+    assert_eq!(left.count(), 0, "a drain request for worker-x outlived its process");
+
+    // A drain meant for a process reaches it (the coordinator binds it to its registration)
+    // and leaves nothing behind.
+    let c =
+        CoordinatorProcess::start(CoordinatorSettings::new(stack.etcd.endpoint(), stack.anvil.url())).await?;
+    let mut again = WorkerProcess::start(stack.worker_settings("worker-x"))?;
+    stack.chain.emit_many(3).await?;
+    reader.wait_for_count(&spec.subject(), 6, TIMEOUT).await?;
+    let (status, answer) = c.post("/v1/workers/worker-x/drain", &json!({})).await?;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(tokio::time::timeout(TIMEOUT, again.wait_exit()).await?, Some(0), "{}", again.log_tail());
+    assert_eq!(etcd.get(drain_key.as_str(), None).await?.count(), 0, "the drain request outlived worker-x");
+    let (status, _) = c.post("/v1/workers/worker-x/drain", &json!({})).await?;
+    assert_eq!(status, 404);
+    Ok(())
+}

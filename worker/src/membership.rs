@@ -26,13 +26,17 @@
 //! owner keys and assignments go at once) and register again, so every task runs again only
 //! after a fresh listing, under the new lease.
 //!
-//! **Leaving** (shutdown, after the supervisor joined every task): the lease is revoked.
+//! **Leaving** (shutdown, after the supervisor joined every task): the lease is revoked, and a
+//! drain request left under `<prefix>/drains/<worker_id>` is deleted unless another process
+//! registered with this worker id meanwhile. A drain request is honoured only when it is bound
+//! to a lease this process registered with ([`LeaseClock::is_own`]), never one left for an
+//! earlier process with the same id.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use etcd_client::PutOptions;
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use herald_proto::{ChainId, WorkerId, WorkerInfo};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -63,6 +67,8 @@ struct Shared {
     current: Mutex<Option<Arc<Registration>>>,
     /// Generation of the latest registration (0: none yet).
     generation: AtomicU64,
+    /// Every lease this process was granted, in order.
+    granted: Mutex<Vec<i64>>,
 }
 
 /// One registration: a lease, while this process holds it.
@@ -105,6 +111,7 @@ impl LeaseClock {
                 origin: Instant::now(),
                 current: Mutex::new(None),
                 generation: AtomicU64::new(0),
+                granted: Mutex::new(Vec::new()),
             }),
             pin: None,
         }
@@ -181,6 +188,11 @@ impl LeaseClock {
         )
     }
 
+    /// Whether this process was granted `lease` (for any of its registrations).
+    pub fn is_own(&self, lease: i64) -> bool {
+        lease != 0 && lock(&self.shared.granted).contains(&lease)
+    }
+
     /// Time left before the current registration's deadline (zero without one).
     fn remaining(&self) -> Duration {
         let Some(registration) = lock(&self.shared.current).clone() else { return Duration::ZERO };
@@ -190,6 +202,11 @@ impl LeaseClock {
 
     fn deadline_after(&self, sent: Instant, ttl: Duration) -> u64 {
         self.nanos(sent + ttl * 2 / 3).max(1)
+    }
+
+    /// Records a lease grant, before the lease is used for anything.
+    fn granted(&self, lease: i64) {
+        lock(&self.shared.granted).push(lease);
     }
 
     /// Makes `lease`, granted by a request sent at `sent`, the current registration (ending the
@@ -266,6 +283,9 @@ impl Membership {
         let ttl = i64::try_from(self.ttl.as_secs().max(2)).unwrap_or(i64::MAX);
         let sent = Instant::now();
         let lease = client.lease_grant(ttl, None).await?.id();
+        // Known as ours before anyone can read it from the registration key (a drain request
+        // bound to it is for this process).
+        self.clock.granted(lease);
         let key = self.store.keys().worker(&self.info.worker_id);
         let value = serde_json::to_vec(&self.info).expect("worker info serialises");
         client.put(key, value, Some(PutOptions::new().with_lease(lease))).await?;
@@ -332,6 +352,7 @@ impl Membership {
         if let Some(lease) = lost {
             self.revoke(lease).await;
         }
+        self.forget_drain_request().await;
     }
 
     /// Waits until no clock pinned to the ended registration remains (or `cancel`).
@@ -355,6 +376,24 @@ impl Membership {
                 tracing::debug!(lease, error = %e, "cannot revoke lease");
                 false
             }
+        }
+    }
+
+    /// Deletes the drain request for this worker id, if no process is registered with the id
+    /// any more (this one revoked its lease): whatever lease it is bound to, it is spent or
+    /// was left for an earlier process.
+    async fn forget_drain_request(&self) {
+        let keys = self.store.keys();
+        let registered = keys.worker(&self.info.worker_id);
+        let txn = Txn::new()
+            .when([Compare::create_revision(registered.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::delete(keys.drain(&self.info.worker_id), None)]);
+        match self.store.client().txn(txn).await {
+            Ok(r) if r.succeeded() => {}
+            Ok(_) => {
+                tracing::info!("another process registered with this worker id; leaving its drain request")
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot delete the drain request for this worker id"),
         }
     }
 
@@ -480,5 +519,16 @@ mod tests {
         let mut released = clock.begin(8, Instant::now(), TTL);
         clock.end();
         assert_eq!(released.try_recv(), Err(oneshot::error::TryRecvError::Closed));
+    }
+
+    #[test]
+    fn only_leases_granted_to_this_process_are_its_own() {
+        let clock = LeaseClock::new();
+        clock.granted(7);
+        let _released = clock.begin(7, Instant::now(), TTL);
+        clock.end();
+        clock.granted(8);
+        assert!(clock.is_own(7) && clock.is_own(8));
+        assert!(!clock.is_own(9) && !clock.is_own(0));
     }
 }
