@@ -35,6 +35,9 @@ pub enum RegistryError {
     /// An etcd credential setting is unusable (e.g. a certificate file cannot be read).
     #[error("invalid configuration: {0}")]
     Settings(#[from] InvalidSetting),
+    /// A key kept changing under a compare-and-swap; the request may be retried.
+    #[error("{0} kept changing; retry")]
+    Contended(String),
     /// A stored value does not parse.
     #[error("bad value at {key}: {message}")]
     BadValue {
@@ -306,15 +309,32 @@ impl Registry {
         Ok(self.client.clone().txn(txn).await?.succeeded())
     }
 
-    /// Asks a live worker to drain and exit: a key bound to the worker's own lease, so it is
-    /// gone with the worker. Returns whether the worker is live.
+    /// Asks a live worker to drain and exit: a key bound to the lease of the worker's current
+    /// registration (its value names that lease, in hex as `etcdctl` prints it), written only
+    /// while the registration key still has that lease. The request is gone with that lease,
+    /// and the worker obeys only a request bound to a lease of its own, so it never reaches a
+    /// later process with the same worker id. Returns whether the worker is live.
     pub async fn request_drain(&self, worker: &WorkerId) -> Result<bool, RegistryError> {
-        let Some(live) = self.workers().await?.into_iter().find(|w| &w.info.worker_id == worker) else {
-            return Ok(false);
-        };
-        let options = PutOptions::new().with_lease(live.lease);
-        self.client.clone().put(self.keys.drain(worker), "", Some(options)).await?;
-        Ok(true)
+        let registration = self.keys.worker(worker);
+        let mut client = self.client.clone();
+        // The worker may register again between the read and the write: read again then.
+        for _ in 0..3 {
+            let current = client.get(registration.as_str(), None).await?;
+            let Some(lease) = current.kvs().first().map(|kv| kv.lease()).filter(|lease| *lease != 0) else {
+                return Ok(false);
+            };
+            let txn = Txn::new()
+                .when([Compare::lease(registration.as_str(), CompareOp::Equal, lease)])
+                .and_then([TxnOp::put(
+                    self.keys.drain(worker),
+                    format!("{lease:x}"),
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            if client.txn(txn).await?.succeeded() {
+                return Ok(true);
+            }
+        }
+        Err(RegistryError::Contended(format!("the registration of worker {worker}")))
     }
 
     /// A handle on the etcd client (cheap to clone).

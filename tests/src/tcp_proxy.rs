@@ -1,9 +1,10 @@
 //! A TCP proxy that cuts connections in the middle of a stream, on demand: in front of
 //! nats-server it drops a worker's connection halfway through a publish batch, as a network
-//! partition, a load balancer or a server restart would.
+//! partition, a load balancer or a server restart would; in front of etcd it drops every open
+//! connection of a paused worker, as a NAT or a load balancer forgets an idle one.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,6 +26,8 @@ pub struct TcpProxy {
     port: u16,
     cutting: Arc<Cutting>,
     stop: CancellationToken,
+    /// Parent of every open connection's token; replaced when they are cut.
+    open: Arc<Mutex<CancellationToken>>,
 }
 
 impl TcpProxy {
@@ -35,8 +38,9 @@ impl TcpProxy {
         let port = listener.local_addr()?.port();
         let cutting = Arc::new(Cutting::default());
         let stop = CancellationToken::new();
+        let open = Arc::new(Mutex::new(stop.child_token()));
         let upstream = upstream.to_owned();
-        let (accept_cutting, accept_stop) = (cutting.clone(), stop.clone());
+        let (accept_cutting, accept_stop, accept_open) = (cutting.clone(), stop.clone(), open.clone());
         tokio::spawn(async move {
             loop {
                 let client = tokio::select! {
@@ -57,11 +61,23 @@ impl TcpProxy {
                     server,
                     cut_after,
                     accept_cutting.clone(),
-                    accept_stop.child_token(),
+                    accept_open.lock().expect("not poisoned").child_token(),
                 ));
             }
         });
-        Ok(Self { port, cutting, stop })
+        Ok(Self { port, cutting, stop, open })
+    }
+
+    /// The proxy's address as a URL of `scheme` (`http` for etcd).
+    pub fn url(&self, scheme: &str) -> String {
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes every connection open now, both ways; later connections are forwarded.
+    pub fn cut_open_connections(&self) {
+        let mut open = self.open.lock().expect("not poisoned");
+        open.cancel();
+        *open = self.stop.child_token();
     }
 
     /// The proxy's address as a NATS URL.

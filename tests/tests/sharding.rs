@@ -347,3 +347,188 @@ async fn graceful_drain_by_sigterm_and_by_api_hands_over_without_loss() -> anyho
     .await?;
     Ok(())
 }
+
+/// Issue 13, defect 3. A worker paused past its lease (and past its etcd connections, which a
+/// NAT or a load balancer forgets: its watches break, so it cannot learn from etcd what moved)
+/// registers again within milliseconds of SIGCONT. Its tasks of the lost lease must not publish
+/// under the new one. Every subscription is paused once the other worker took them over, so
+/// nothing at all may reach the stream until they are resumed: a message emitted right after
+/// the new registration and stored before the resume was published by a stale task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_resumed_after_its_lease_expired_publishes_nothing_under_the_new_lease() -> anyhow::Result<()>
+{
+    use herald_proto::{Keyspace, SubscriptionId, SubscriptionState, WorkerId};
+    use herald_tests::herald::set_state;
+    use herald_tests::tcp_proxy::TcpProxy;
+    use nix::sys::signal::Signal;
+    init_tracing();
+    let stack = Stack::start().await?;
+    let c =
+        CoordinatorProcess::start(CoordinatorSettings::new(stack.etcd.endpoint(), stack.anvil.url())).await?;
+    let proxy = TcpProxy::start(stack.etcd.endpoint().trim_start_matches("http://")).await?;
+    let settings = |id: &str| {
+        let mut settings = stack.worker_settings(id);
+        settings.lease_ttl_secs = 3;
+        // New heads at once: a stale task acts within milliseconds of a block.
+        settings.ws = Some(stack.anvil.ws_url());
+        settings
+    };
+    let mut a_settings = settings("worker-a");
+    a_settings.etcd = proxy.url("http");
+    let a = WorkerProcess::start(a_settings)?;
+    let b = WorkerProcess::start(settings("worker-b"))?;
+    const SUBS: u64 = 10;
+    for i in 0..SUBS {
+        assert_eq!(c.post("/v1/subscriptions", &body(&stack, i)).await?.0, 201);
+    }
+    let ids: Vec<SubscriptionId> =
+        (0..SUBS).map(|i| SubscriptionId::new(format!("sub-{i:02}"))).collect::<Result<_, _>>()?;
+    let reader = StreamReader::connect(&stack.nats.url()).await?;
+    let owned_by = |worker: &'static str| {
+        let c = &c;
+        async move {
+            let current = assignments(c).await.ok()?;
+            Some((current.values().filter(|w| w.as_deref() == Some(worker)).count(), current.len()))
+        }
+    };
+    let running = |w: &'static str, n: f64| {
+        let w = if w == "worker-a" { &a } else { &b };
+        async move { (w.metric("herald_worker_assigned_subscriptions", &[]).await? == n).then_some(()) }
+    };
+    wait_for("both workers own subscriptions", TIMEOUT, || async {
+        let (a_owns, total) = owned_by("worker-a").await?;
+        (a_owns > 0 && a_owns < SUBS as usize && total as u64 == SUBS).then_some(())
+    })
+    .await?;
+    emit_rounds(&stack, 2).await?;
+    wait_for("2 rounds", TIMEOUT, || async { check_subscriptions(&reader, SUBS, 2).await.unwrap() }).await?;
+    let a_tasks = a.metric("herald_worker_assigned_subscriptions", &[]).await.unwrap_or_default();
+    assert!(a_tasks > 0.0, "worker-a runs no task before its pause");
+
+    let mut etcd = stack.etcd.client().await?;
+    let worker_key = Keyspace::default().worker(&WorkerId::new("worker-a")?);
+    let first = etcd.get(worker_key.as_str(), None).await?;
+    let first_lease =
+        first.kvs().first().map(|kv| kv.lease()).ok_or_else(|| anyhow::anyhow!("a unregistered"))?;
+
+    // Paused past its TTL, and its etcd connections are gone meanwhile.
+    a.signal(Signal::SIGSTOP);
+    proxy.cut_open_connections();
+    wait_for("worker-b owns everything", TIMEOUT, || async {
+        let (b_owns, _) = owned_by("worker-b").await?;
+        (b_owns as u64 == SUBS).then_some(())
+    })
+    .await?;
+    for id in &ids {
+        set_state(&mut etcd, id, SubscriptionState::Paused).await?;
+    }
+    wait_for("worker-b to stop every paused subscription", TIMEOUT, || running("worker-b", 0.0)).await?;
+
+    // Woken: the moment it holds a new lease, its old tasks get something to publish.
+    let options = etcd_client::WatchOptions::new().with_start_revision(
+        etcd.get(worker_key.as_str(), None).await?.header().map_or(0, |h| h.revision()) + 1,
+    );
+    let mut registrations = etcd.watch(worker_key.as_str(), Some(options)).await?;
+    a.signal(Signal::SIGCONT);
+    let second_lease = tokio::time::timeout(TIMEOUT, async {
+        while let Some(response) = registrations.message().await? {
+            for event in response.events() {
+                if let Some(kv) = event.kv().filter(|_| event.event_type() == etcd_client::EventType::Put)
+                    && kv.lease() != first_lease
+                {
+                    return anyhow::Ok(kv.lease());
+                }
+            }
+        }
+        anyhow::bail!("the watch on {worker_key} ended")
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("worker-a did not register again\n{}", a.log_tail()))??;
+    emit_rounds(&stack, 1).await?;
+    tracing::info!(first_lease, second_lease, "worker-a registered again; one round emitted");
+    // Once worker-a's supervisor has stopped every task it ran before the pause, none of them
+    // can publish any more.
+    wait_for("worker-a to run no task", TIMEOUT, || running("worker-a", 0.0)).await?;
+    let stored = reader.read_all("herald.events.31337.>").await?;
+    assert_eq!(
+        stored.len() as u64,
+        2 * SUBS,
+        "messages of paused subscriptions were published (by worker-a's tasks of its lost lease)\n{}",
+        a.log_tail()
+    );
+
+    // It stopped and joined them before it registered again.
+    let (joined, registered_again) = wait_for("worker-a to log its new registration", TIMEOUT, || async {
+        let log = a.log();
+        let registered_again = log.match_indices("worker registered").nth(1)?.0;
+        Some((log.find("every task of the lost lease stopped"), registered_again))
+    })
+    .await?;
+    assert!(
+        joined.is_some_and(|j| j < registered_again),
+        "worker-a registered again before its tasks of the lost lease stopped\n{}",
+        a.log_tail()
+    );
+
+    // Resumed: the round is published once, by whichever worker owns each subscription now.
+    for id in &ids {
+        set_state(&mut etcd, id, SubscriptionState::Active).await?;
+    }
+    wait_for("3 rounds, none lost, none duplicated", TIMEOUT, || async {
+        check_subscriptions(&reader, SUBS, 3).await.unwrap()
+    })
+    .await?;
+    Ok(())
+}
+
+/// Issue 13, defect 4. A drain request outlived the process it was meant for (written under a
+/// lease that etcd kept alive after that process had gone), and the next process with the same
+/// worker id obeyed it and exited at once. A drain request is for the process whose lease it is
+/// bound to; a worker deletes the one left for its id when it ends; one meant for it still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_request_never_reaches_a_later_process_with_the_same_worker_id() -> anyhow::Result<()> {
+    use herald_proto::{Keyspace, WorkerId};
+    use herald_tests::register_subscription;
+    init_tracing();
+    let stack = Stack::start().await?;
+    let mut etcd = stack.etcd.client().await?;
+    let drain_key = Keyspace::default().drain(&WorkerId::new("worker-x")?);
+    // What the earlier process left: a drain request under a lease that is still alive.
+    let earlier = etcd.lease_grant(120, None).await?.id();
+    etcd.put(drain_key.as_str(), "", Some(etcd_client::PutOptions::new().with_lease(earlier))).await?;
+    let spec = stack.subscription("sub-x", herald_tests::chain::TRANSFER_EVENT);
+    register_subscription(&mut etcd, &spec, "worker-x").await?;
+    let reader = StreamReader::connect(&stack.nats.url()).await?;
+
+    // A later process with the same id sees it, ignores it, and serves its subscription.
+    let mut x = WorkerProcess::start(stack.worker_settings("worker-x"))?;
+    let log = wait_for("worker-x to judge the drain request", TIMEOUT, || async {
+        let log = x.log();
+        (log.contains("ignoring a drain request") || log.contains("drain requested")).then_some(log)
+    })
+    .await?;
+    assert!(!log.contains("drain requested"), "a later process obeyed an earlier one's drain\n{log}");
+    stack.chain.emit_many(3).await?;
+    reader.wait_for_count(&spec.subject(), 3, TIMEOUT).await?;
+    assert_eq!(x.try_exit_code(), None, "worker-x exited\n{}", x.log_tail());
+
+    // When it ends, the request left for its id goes with it.
+    assert_eq!(x.terminate().await, Some(0), "{}", x.log_tail());
+    let left = etcd.get(drain_key.as_str(), None).await?;
+    assert_eq!(left.count(), 0, "a drain request for worker-x outlived its process");
+
+    // A drain meant for a process reaches it (the coordinator binds it to its registration)
+    // and leaves nothing behind.
+    let c =
+        CoordinatorProcess::start(CoordinatorSettings::new(stack.etcd.endpoint(), stack.anvil.url())).await?;
+    let mut again = WorkerProcess::start(stack.worker_settings("worker-x"))?;
+    stack.chain.emit_many(3).await?;
+    reader.wait_for_count(&spec.subject(), 6, TIMEOUT).await?;
+    let (status, answer) = c.post("/v1/workers/worker-x/drain", &json!({})).await?;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(tokio::time::timeout(TIMEOUT, again.wait_exit()).await?, Some(0), "{}", again.log_tail());
+    assert_eq!(etcd.get(drain_key.as_str(), None).await?.count(), 0, "the drain request outlived worker-x");
+    let (status, _) = c.post("/v1/workers/worker-x/drain", &json!({})).await?;
+    assert_eq!(status, 404);
+    Ok(())
+}

@@ -171,7 +171,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let membership_task = tokio::spawn(membership.run(membership_stop.clone()).in_current_span());
 
     tokio::spawn(
-        watch_drain_request(store.clone(), config.worker_id.clone(), shutdown.clone()).in_current_span(),
+        watch_drain_request(store.clone(), config.worker_id.clone(), lease.clone(), shutdown.clone())
+            .in_current_span(),
     );
 
     let supervisor = Supervisor {
@@ -186,33 +187,49 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     supervisor.run(shutdown).await;
     trackers_stop.cancel();
     // Leave the cluster only after every task stopped: revoking the lease releases the
-    // assignments for other workers.
+    // assignments for other workers (and the drain request for this id is deleted).
     membership_stop.cancel();
     let _ = membership_task.await;
     tracing::info!("worker stopped");
     Ok(())
 }
 
-/// Turns a drain request (`POST /v1/workers/{id}/drain` writes `<prefix>/drains/<id>`) into
-/// the same graceful shutdown as SIGTERM.
+/// Turns a drain request (`POST /v1/workers/{id}/drain` writes `<prefix>/drains/<id>` under
+/// the lease of the worker's registration) into the same graceful shutdown as SIGTERM.
+///
+/// Only a request bound to a lease this process registered with is for it: one bound to
+/// another lease was left for an earlier process with the same worker id (whose lease etcd may
+/// still keep), and is ignored.
 async fn watch_drain_request(
     store: store::EtcdStore,
     worker: herald_proto::WorkerId,
+    lease: membership::LeaseClock,
     shutdown: CancellationToken,
 ) {
     let key = store.keys().drain(&worker);
+    let for_us = |kv: &etcd_client::KeyValue| {
+        let ours = lease.is_own(kv.lease());
+        if !ours {
+            tracing::info!(
+                lease = kv.lease(),
+                "ignoring a drain request bound to a lease this process never held (left for an earlier process with this worker id)"
+            );
+        }
+        ours
+    };
     while !shutdown.is_cancelled() {
         let mut client = store.client();
         let requested = async {
             let existing = client.get(key.as_str(), None).await?;
-            if existing.count() > 0 {
+            if existing.kvs().iter().any(for_us) {
                 return Ok::<bool, etcd_client::Error>(true);
             }
             let options = etcd_client::WatchOptions::new()
                 .with_start_revision(existing.header().map_or(0, |h| h.revision()) + 1);
             let mut watch = client.watch(key.as_str(), Some(options)).await?;
             while let Some(response) = watch.message().await? {
-                if response.events().iter().any(|e| e.event_type() == etcd_client::EventType::Put) {
+                let put = |e: &&etcd_client::Event| e.event_type() == etcd_client::EventType::Put;
+                if response.events().iter().filter(put).filter_map(etcd_client::Event::kv).any(for_us) {
                     return Ok(true);
                 }
             }

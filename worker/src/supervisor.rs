@@ -8,6 +8,14 @@
 //! from its cursor, a rewind restarts it (the new task applies the rewind), and a deletion or
 //! revocation stops it. Each change is reconciled by [`plan`], a pure diff; a stopped task is
 //! *joined* before its successor starts, so two tasks never act on one subscription at once.
+//!
+//! Each listing is made under one registration of the worker: the supervisor holds a clock
+//! pinned to it ([`LeaseClock::pinned`]) and starts its tasks with that clock, and their
+//! cancellation tokens are children of the registration's. When the registration ends (the
+//! lease is lost), every task is cancelled with it; the supervisor joins them all, drops its
+//! clock (which lets [`crate::membership::Membership`] register again) and lists again under the
+//! next registration, so no task of an old lease survives and none is started from a listing
+//! made before the new lease existed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -108,6 +116,8 @@ pub fn plan<K: PartialEq>(
 
 struct Running {
     key: TaskKey,
+    /// The registration it runs under.
+    registration: u64,
     /// Stop at the next await (revocation).
     cancel: CancellationToken,
     /// Stop after the current block range (graceful shutdown).
@@ -127,7 +137,8 @@ pub struct Supervisor {
     pub chains: HashMap<ChainId, ChainHandle>,
     /// Metrics.
     pub metrics: Metrics,
-    /// The local lease deadline; no task starts without a valid lease.
+    /// The worker's lease: no task starts without a valid one, and each task gets a clock
+    /// pinned to the registration it starts under.
     pub lease: LeaseClock,
 }
 
@@ -140,30 +151,44 @@ impl Supervisor {
         let mut unstartable: BTreeMap<SubscriptionId, TaskKey> = BTreeMap::new();
         let mut backoff = Backoff::network();
         'relist: while !cancel.is_cancelled() {
-            // Nothing runs without a lease: wait for the first registration.
-            while !self.lease.is_valid() {
+            // Nothing runs without a lease: wait for a registration, and list under it.
+            let registration = loop {
+                if let Some(registration) = self.lease.pinned() {
+                    break registration;
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => break 'relist,
                     _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 }
+            };
+            let ended = registration.ended();
+            if running.values().any(|t| t.registration != registration.generation()) {
+                // Only if the end of their registration went unseen between two listings.
+                self.stop_all(&mut running).await;
             }
-            let Some((mut ownerships, assignments_revision)) =
-                retry("list assignments in etcd", &cancel, || self.store.assignments_of(&self.worker_id))
-                    .await
-            else {
+            let listed = async {
+                let assignments =
+                    retry("list assignments in etcd", &cancel, || self.store.assignments_of(&self.worker_id))
+                        .await?;
+                let records = retry("list subscriptions in etcd", &cancel, || self.store.records()).await?;
+                let watches = futures::future::try_join(
+                    self.store.watch_assignments(assignments.1),
+                    self.store.watch_records(records.1),
+                )
+                .await;
+                Some((assignments.0, records.0, watches))
+            };
+            let listed = tokio::select! {
+                _ = ended.cancelled() => {
+                    self.stop_all(&mut running).await;
+                    continue 'relist;
+                }
+                listed = listed => listed,
+            };
+            let Some((mut ownerships, mut records, watches)) = listed else {
                 break;
             };
-            let Some((mut records, records_revision)) =
-                retry("list subscriptions in etcd", &cancel, || self.store.records()).await
-            else {
-                break;
-            };
-            self.reconcile(&mut running, &mut unstartable, &ownerships, &records).await;
-            let watches = futures::future::try_join(
-                self.store.watch_assignments(assignments_revision),
-                self.store.watch_records(records_revision),
-            )
-            .await;
+            self.reconcile(&registration, &mut running, &mut unstartable, &ownerships, &records).await;
             let (mut assignment_watch, mut record_watch) = match watches {
                 Ok(w) => w,
                 Err(e) => {
@@ -181,10 +206,16 @@ impl Supervisor {
             let mut retry_tick = tokio::time::interval(RETRY_INTERVAL);
             loop {
                 let response = tokio::select! {
+                    // Shutdown and the end of the registration come before any other work.
+                    biased;
                     _ = cancel.cancelled() => break 'relist,
+                    _ = ended.cancelled() => {
+                        self.stop_all(&mut running).await;
+                        continue 'relist;
+                    }
                     _ = &mut resync => continue 'relist,
                     _ = retry_tick.tick() => {
-                        self.reconcile(&mut running, &mut unstartable, &ownerships, &records).await;
+                        self.reconcile(&registration, &mut running, &mut unstartable, &ownerships, &records).await;
                         continue;
                     }
                     m = assignment_watch.message() => m,
@@ -247,7 +278,7 @@ impl Supervisor {
                         _ => {}
                     }
                 }
-                self.reconcile(&mut running, &mut unstartable, &ownerships, &records).await;
+                self.reconcile(&registration, &mut running, &mut unstartable, &ownerships, &records).await;
             }
         }
         // Graceful: every task finishes its block range and commits, then stops. Whatever has
@@ -269,8 +300,20 @@ impl Supervisor {
         self.metrics.assigned_subscriptions.set(0);
     }
 
+    /// Cancels and joins every task: their registration ended (the lease is lost), or they run
+    /// under an older one. Their owner keys are bound to that lease, which goes with it.
+    async fn stop_all(&self, running: &mut BTreeMap<SubscriptionId, Running>) {
+        tracing::info!(tasks = running.len(), "lease lost; stopping every subscription task");
+        for task in running.values() {
+            task.cancel.cancel();
+        }
+        futures::future::join_all(std::mem::take(running).into_values().map(|t| t.handle)).await;
+        self.metrics.assigned_subscriptions.set(0);
+    }
+
     async fn reconcile(
         &self,
+        registration: &LeaseClock,
         running: &mut BTreeMap<SubscriptionId, Running>,
         unstartable: &mut BTreeMap<SubscriptionId, TaskKey>,
         ownerships: &BTreeMap<SubscriptionId, Ownership>,
@@ -301,7 +344,7 @@ impl Supervisor {
             if unstartable.contains_key(&id) {
                 continue;
             }
-            match self.spawn(key.clone(), &records[&id]).await {
+            match self.spawn(registration, key.clone(), &records[&id]).await {
                 Start::Running(task) => {
                     running.insert(id, task);
                 }
@@ -321,7 +364,8 @@ impl Supervisor {
         }
     }
 
-    async fn spawn(&self, key: TaskKey, versioned: &Versioned) -> Start {
+    /// Starts the task of `key` under `registration` (the clock pinned for this listing).
+    async fn spawn(&self, registration: &LeaseClock, key: TaskKey, versioned: &Versioned) -> Start {
         let id = key.ownership.subscription_id.clone();
         let spec = versioned.record.spec.clone();
         let event = match spec.compile() {
@@ -335,8 +379,8 @@ impl Supervisor {
             tracing::error!(subscription_id = %id, chain_id = spec.chain_id, "assigned a subscription on a chain this worker does not serve");
             return Start::Never;
         };
-        let Some(lease) = self.lease.lease() else {
-            tracing::info!(subscription_id = %id, "not starting: no valid lease yet");
+        let Some((clock, lease)) = registration.pinned().zip(registration.lease()) else {
+            tracing::info!(subscription_id = %id, "not starting: the lease is not valid");
             return Start::Later;
         };
         match self.store.claim(&id, &self.worker_id, lease).await {
@@ -361,17 +405,19 @@ impl Supervisor {
             event,
             rewind: versioned.record.rewind,
             registration: u64::try_from(versioned.create_revision).unwrap_or_default(),
-            lease: self.lease.clone(),
+            lease: clock.clone(),
             poll_interval: chain.config.poll_interval,
             max_block_range: chain.config.max_block_range,
             idle_commit_interval: crate::pipeline::IDLE_COMMIT_INTERVAL,
             spec,
         };
-        // Independent of the shutdown token: shutdown drains, only revocation cancels.
-        let (child, drain) = (CancellationToken::new(), CancellationToken::new());
-        let span = tracing::info_span!("subscription", worker_id = %self.worker_id, subscription_id = %id, chain_id = chain.config.chain_id, generation = key.ownership.generation);
+        // Independent of the shutdown token: shutdown drains. Revocation cancels this task
+        // alone, the end of its registration (a lost lease) every task started under it.
+        let (child, drain) = (clock.ended().child_token(), CancellationToken::new());
+        let registration = clock.generation();
+        let span = tracing::info_span!("subscription", worker_id = %self.worker_id, subscription_id = %id, chain_id = chain.config.chain_id, generation = key.ownership.generation, registration);
         let handle = tokio::spawn(task.run(child.clone(), drain.clone()).instrument(span));
-        Start::Running(Running { key, cancel: child, drain, handle })
+        Start::Running(Running { key, registration, cancel: child, drain, handle })
     }
 }
 
