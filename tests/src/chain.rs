@@ -51,6 +51,23 @@ impl TestChain {
         Ok(chain)
     }
 
+    /// The contract already at `contract`, driven through the chain at `url` (e.g. an anvil
+    /// forked from the one it was deployed on).
+    pub async fn attach(url: &str, contract: Address) -> anyhow::Result<Self> {
+        let provider = RootProvider::new_http(url.parse()?);
+        let from =
+            *provider.get_accounts().await?.first().ok_or_else(|| anyhow::anyhow!("no dev account"))?;
+        let artifact: serde_json::Value = serde_json::from_str(ARTIFACT)?;
+        let abi: JsonAbi = serde_json::from_value(artifact["abi"].clone())?;
+        Ok(Self { provider, abi, from, contract })
+    }
+
+    /// The hash of block `number`, if the chain has it.
+    pub async fn block_hash(&self, number: u64) -> anyhow::Result<Option<B256>> {
+        let block = self.provider.get_block_by_number(number.into()).await?;
+        Ok(block.map(|b| b.header.hash))
+    }
+
     async fn send(&self, tx: TransactionRequest) -> anyhow::Result<alloy::rpc::types::TransactionReceipt> {
         let hash = *self.provider.send_transaction(tx).await?.tx_hash();
         let receipt = wait_for("a transaction receipt", Duration::from_secs(30), || async {

@@ -60,21 +60,64 @@ pub fn assert_monotonic(history: &[Cursor]) {
     }
 }
 
+/// A folded log: (block hash, log index, decoded value).
+pub type FoldedLog = (alloy_primitives::B256, u64, String);
+
 /// Folds a subscription's stream: each message adds its log, each retraction (`removed`)
 /// removes the log with the same block hash and index. What remains is what a consumer that
 /// applies retractions believes the chain holds: (block hash, log index, decoded value).
-pub fn fold(messages: &[EventEnvelope]) -> Vec<(alloy_primitives::B256, u64, String)> {
-    let mut logs: Vec<(alloy_primitives::B256, u64, String)> = Vec::new();
+///
+/// Panics on a log published twice while live, or a retraction of a log that is not live
+/// (see [`try_fold`]).
+pub fn fold(messages: &[EventEnvelope]) -> Vec<FoldedLog> {
+    try_fold(messages).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`fold`], with its violations as an error instead of a panic: a log published again while
+/// it is live (a duplicate), or a retraction of a log that is not live.
+pub fn try_fold(messages: &[EventEnvelope]) -> Result<Vec<FoldedLog>, String> {
+    let mut logs: Vec<FoldedLog> = Vec::new();
+    for (n, m) in messages.iter().enumerate() {
+        let key = (m.block_hash, m.log_index);
+        let at = logs.iter().position(|(h, i, _)| (*h, *i) == key);
+        if m.removed {
+            let Some(at) = at else {
+                return Err(format!("message {n}: retraction of a log never published: {key:?}"));
+            };
+            logs.remove(at);
+        } else {
+            if at.is_some() {
+                return Err(format!("message {n}: log published twice: {key:?}"));
+            }
+            logs.push(folded(m));
+        }
+    }
+    Ok(logs)
+}
+
+/// The stream folded with set semantics, for streams with a rewind: a replay under a higher
+/// `rewind_epoch` legitimately publishes logs that are still live again (their message ids
+/// differ by the epoch), so re-adding a live key replaces it in place instead of being a
+/// duplicate, and a retraction of a key that is not live is ignored (a retraction from the
+/// epoch before the replay may follow a re-add or precede it). The result is what a consumer
+/// keyed by `(block_hash, log_index)` as in `docs/reorgs.md` holds, in first-arrival order.
+pub fn fold_set(messages: &[EventEnvelope]) -> Vec<FoldedLog> {
+    let mut logs: Vec<FoldedLog> = Vec::new();
     for m in messages {
         let key = (m.block_hash, m.log_index);
-        if m.removed {
-            let at = logs.iter().position(|(h, i, _)| (*h, *i) == key);
-            assert!(at.is_some(), "retraction of a log never published: {key:?}");
-            logs.remove(at.unwrap());
-        } else {
-            assert!(!logs.iter().any(|(h, i, _)| (*h, *i) == key), "log published twice: {key:?}");
-            logs.push((m.block_hash, m.log_index, m.args["value"].as_str().unwrap_or_default().to_owned()));
+        let at = logs.iter().position(|(h, i, _)| (*h, *i) == key);
+        match (m.removed, at) {
+            (true, Some(at)) => {
+                logs.remove(at);
+            }
+            (true, None) => {}
+            (false, Some(at)) => logs[at] = folded(m),
+            (false, None) => logs.push(folded(m)),
         }
     }
     logs
+}
+
+fn folded(m: &EventEnvelope) -> FoldedLog {
+    (m.block_hash, m.log_index, m.args["value"].as_str().unwrap_or_default().to_owned())
 }

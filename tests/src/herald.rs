@@ -311,6 +311,13 @@ pub async fn read_cursor(
     })
 }
 
+/// The worker holding the owner key of `id` (claimed before its task starts, released after
+/// the task ended), if any.
+pub async fn owner_of(etcd: &mut etcd_client::Client, id: &SubscriptionId) -> anyhow::Result<Option<String>> {
+    let resp = etcd.get(Keyspace::default().owner(id), None).await?;
+    Ok(resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+}
+
 /// Waits until the cursor of `id` is at or past `block`: every matching log up to it is in
 /// the stream.
 pub async fn wait_for_cursor(
@@ -343,6 +350,24 @@ impl StreamReader {
         let stream = self.js.get_stream(STREAM).await?;
         let message = stream.get_first_raw_message_by_subject(subject, 1).await?;
         Ok(message.payload.to_vec())
+    }
+
+    /// Deletes the last `n` messages stored on `subject` from the stream (as an operator's
+    /// `nats stream rmm`, or a lost tail after a failover would); returns their sequences,
+    /// newest first.
+    pub async fn delete_last(&self, subject: &str, n: usize) -> anyhow::Result<Vec<u64>> {
+        let stream = self.js.get_stream(STREAM).await?;
+        let mut deleted = Vec::with_capacity(n);
+        for _ in 0..n {
+            let last = stream.get_last_raw_message_by_subject(subject).await?;
+            anyhow::ensure!(
+                stream.delete_message(last.sequence).await?,
+                "message {} not deleted",
+                last.sequence
+            );
+            deleted.push(last.sequence);
+        }
+        Ok(deleted)
     }
 
     /// Every message stored on `subject`, in stream order.

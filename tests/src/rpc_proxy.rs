@@ -1,7 +1,8 @@
 //! A JSON-RPC proxy in front of anvil that misbehaves the way real providers do, on demand.
 //!
 //! Each fault is a field of [`Faults`], changeable while the proxy runs; the proxy counts what
-//! it did so that a test can prove the fault really happened.
+//! it did so that a test can prove the fault really happened. Its upstream can be switched
+//! while it runs ([`RpcProxy::set_upstream`]): load-balanced nodes that disagree at the tip.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,7 +71,7 @@ pub struct Counters {
 }
 
 struct Inner {
-    upstream: String,
+    upstream: std::sync::RwLock<String>,
     http: reqwest::Client,
     faults: Faults,
     counters: Counters,
@@ -89,7 +90,7 @@ impl RpcProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let inner = Arc::new(Inner {
-            upstream: upstream.to_owned(),
+            upstream: std::sync::RwLock::new(upstream.to_owned()),
             http: reqwest::Client::new(),
             faults: Faults::default(),
             counters: Counters::default(),
@@ -101,6 +102,11 @@ impl RpcProxy {
     /// Its URL.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Forwards every call from now on to `upstream` (calls in flight finish where they went).
+    pub fn set_upstream(&self, upstream: &str) {
+        *self.inner.upstream.write().unwrap_or_else(|e| e.into_inner()) = upstream.to_owned();
     }
 
     /// The faults, to change.
@@ -277,7 +283,8 @@ impl Inner {
     }
 
     async fn forward(&self, call: &Value) -> Result<Value, String> {
-        let response = self.http.post(&self.upstream).json(call).send().await.map_err(|e| e.to_string())?;
+        let upstream = self.upstream.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let response = self.http.post(upstream).json(call).send().await.map_err(|e| e.to_string())?;
         response.json().await.map_err(|e| e.to_string())
     }
 

@@ -181,8 +181,22 @@ impl Anvil {
 
     /// Starts on `port` and waits until it answers.
     pub async fn start_on(port: u16) -> anyhow::Result<Self> {
+        Self::start_with(port, &[]).await
+    }
+
+    /// Starts a chain that shares the blocks of the chain at `url` up to `block` (the same
+    /// hashes, and the same state there) and mines its own blocks above it: a second node that
+    /// disagrees with the first at the tip. Its dev accounts are funded as usual.
+    pub async fn fork(url: &str, block: u64) -> anyhow::Result<Self> {
+        let args =
+            ["--fork-url".to_owned(), url.to_owned(), "--fork-block-number".to_owned(), block.to_string()];
+        Self::start_with(free_port(), &args).await
+    }
+
+    /// Starts on `port` with more command-line arguments and waits until it answers.
+    pub async fn start_with(port: u16, extra: &[String]) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("herald-anvil-").tempdir()?;
-        let args = [
+        let mut args: Vec<String> = [
             "--host",
             "127.0.0.1",
             "--port",
@@ -192,7 +206,9 @@ impl Anvil {
             "--accounts",
             "2",
         ]
-        .map(String::from);
+        .map(String::from)
+        .to_vec();
+        args.extend_from_slice(extra);
         let process = ChildProcess::spawn("anvil", &tool("anvil"), &args, &[], dir.path())?;
         let anvil = Self { process, port, _dir: dir };
         let url = anvil.url();

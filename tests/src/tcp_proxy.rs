@@ -1,7 +1,9 @@
 //! A TCP proxy that cuts connections in the middle of a stream, on demand: in front of
 //! nats-server it drops a worker's connection halfway through a publish batch, as a network
 //! partition, a load balancer or a server restart would; in front of etcd it drops every open
-//! connection of a paused worker, as a NAT or a load balancer forgets an idle one.
+//! connection of a paused worker, as a NAT or a load balancer forgets an idle one. It can also
+//! black-hole what clients send ([`TcpProxy::black_hole`]): in front of etcd, a worker's writes
+//! then hang without ever reaching the server, not even after the worker died.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +21,9 @@ struct Cutting {
     after_bytes: AtomicU64,
     /// Connections cut so far.
     cut: AtomicU64,
+    /// While set, bytes from clients are read and dropped; a connection that dropped bytes
+    /// never forwards again (its stream is broken).
+    black_hole: std::sync::atomic::AtomicBool,
 }
 
 /// A running proxy; stops when dropped.
@@ -92,6 +97,23 @@ impl TcpProxy {
         self.cutting.remaining.store(connections, Ordering::SeqCst);
     }
 
+    /// The proxy's address, `127.0.0.1:<port>`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// From now on, drops everything clients send, on open and new connections: requests hang
+    /// unanswered, and none of them reaches the server later. Connections that dropped bytes
+    /// stay black-holed; [`Self::restore`] lets new ones through again.
+    pub fn black_hole(&self) {
+        self.cutting.black_hole.store(true, Ordering::SeqCst);
+    }
+
+    /// New connections (and those that have not dropped bytes yet) are forwarded again.
+    pub fn restore(&self) {
+        self.cutting.black_hole.store(false, Ordering::SeqCst);
+    }
+
     /// Connections cut so far.
     pub fn cuts(&self) -> u64 {
         self.cutting.cut.load(Ordering::SeqCst)
@@ -117,11 +139,16 @@ async fn forward(
     let upstream = async {
         let mut forwarded = 0u64;
         let mut buffer = vec![0u8; 16 * 1024];
+        let mut dropping = false;
         loop {
             let n = match client_read.read(&mut buffer).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            dropping |= cutting.black_hole.load(Ordering::SeqCst);
+            if dropping {
+                continue;
+            }
             if let Some(limit) = cut_after
                 && forwarded + n as u64 >= limit
             {
