@@ -372,10 +372,15 @@ async fn a_restart_after_a_crash_between_publish_and_commit_compares_hashes_befo
         .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))?;
 
     etcd_proxy.black_hole();
+    // The worker is stopped while the three blocks are mined, so that it sees them at once and
+    // publishes them as one range before its commit hangs (one at a time, the first hung
+    // commit would hold the other two back).
+    worker.signal(nix::sys::signal::Signal::SIGSTOP);
     let mut last = 0;
     for _ in 0..3 {
         last = stack.chain.emit_many(1).await?;
     }
+    worker.signal(nix::sys::signal::Signal::SIGCONT);
     let published = reader
         .wait_for_count(&spec.subject(), 5, TIMEOUT)
         .await
