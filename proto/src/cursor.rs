@@ -59,6 +59,15 @@ pub struct Checkpoint {
     /// Every message still live for a block above this one has a higher stream sequence.
     #[serde(alias = "stream_seq")]
     pub journal_seq: u64,
+    /// Every message about a block at or below this one has a stream sequence at or below
+    /// this: what the cursor had seen stored when it was here (0: not known). A subject that
+    /// lost its tail above it still holds all of them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stored_seq: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Cursor {
@@ -86,6 +95,7 @@ impl Cursor {
             block_number: self.block_number,
             block_hash: self.block_hash,
             journal_seq: self.journal_seq,
+            stored_seq: self.stream_seq,
         }
     }
 
@@ -126,6 +136,38 @@ impl Cursor {
         }
     }
 
+    /// The cursor once the subject is known to end at stream sequence `tail_seq`, below what
+    /// this cursor says was stored (a server lost messages it had acknowledged, and hands
+    /// their sequences out again). The lost messages may have been retractions, so older
+    /// messages are live again: the journal position of a checkpoint written after the tail
+    /// no longer holds. Those take the position of the newest checkpoint the subject still
+    /// holds whole ([`Self::survives_loss`]; the start of the subject if none), which was true
+    /// when it was written and stays true for everything above it. Reading from lower is
+    /// always safe. Pure.
+    pub fn after_loss(&self, tail_seq: u64) -> Self {
+        let floor = self.survives_loss(tail_seq).map_or(0, |c| c.journal_seq);
+        let survives = |c: &Checkpoint| c.stored_seq > 0 && c.stored_seq <= tail_seq;
+        let clamp = |c: &Checkpoint| Checkpoint {
+            journal_seq: if survives(c) { c.journal_seq } else { c.journal_seq.min(floor) },
+            ..*c
+        };
+        Self {
+            stream_seq: self.stream_seq.min(tail_seq),
+            journal_seq: self.journal_seq.min(floor),
+            history: self.history.iter().map(clamp).collect(),
+            ..self.clone()
+        }
+    }
+
+    /// The newest checkpoint whose blocks' messages a subject ending at stream sequence
+    /// `tail_seq` still holds, all of them: what lies above it must be published again. Not
+    /// the tail message's block: after a reorg, retractions go newest first and the
+    /// replacements follow from the fork, so what came after the tail may concern blocks far
+    /// below it. Pure.
+    pub fn survives_loss(&self, tail_seq: u64) -> Option<Checkpoint> {
+        self.checkpoints_newest_first().find(|c| c.stored_seq > 0 && c.stored_seq <= tail_seq)
+    }
+
     /// Every checkpoint, newest first: the cursor itself, then its history.
     pub fn checkpoints_newest_first(&self) -> impl Iterator<Item = Checkpoint> + '_ {
         std::iter::once(self.checkpoint()).chain(self.history.iter().rev().copied())
@@ -162,7 +204,7 @@ mod tests {
     fn cp(n: u64) -> Checkpoint {
         let mut hash = [0xff; 32];
         hash[..8].copy_from_slice(&n.to_be_bytes());
-        Checkpoint { block_number: n, block_hash: B256::from(hash), journal_seq: n }
+        Checkpoint { block_number: n, block_hash: B256::from(hash), journal_seq: n, stored_seq: n }
     }
 
     #[test]
@@ -187,6 +229,28 @@ mod tests {
         let newest: Vec<u64> = c.checkpoints_newest_first().map(|c| c.block_number).collect();
         assert_eq!(newest, [210, 200, 40, 10]);
         assert_eq!(c.stream_seq, 211);
+    }
+
+    #[test]
+    fn a_lost_tail_is_redone_from_the_newest_checkpoint_stored_below_it() {
+        // Blocks 10, 20, 30 committed with 10, 20, 30 messages stored; their journals start
+        // at 5, 15, 25.
+        let mut c = Cursor::at(1, B256::repeat_byte(1), 0);
+        for n in [10u64, 20, 30] {
+            c = c.advance(Checkpoint { journal_seq: n - 5, ..cp(n) }, n);
+        }
+        // The subject ends at 24: block 20's checkpoint (20 stored) survives, 30's does not.
+        assert_eq!(c.survives_loss(24).map(|s| s.block_number), Some(20));
+        let after = c.after_loss(24);
+        assert_eq!(after.stream_seq, 24);
+        // What came after 24 may have retracted anything live above block 20: its journal
+        // position (15) bounds every checkpoint above it, those below keep theirs.
+        let journals: Vec<(u64, u64)> =
+            after.checkpoints_newest_first().map(|c| (c.block_number, c.journal_seq)).collect();
+        assert_eq!(journals, [(30, 15), (20, 15), (10, 5), (1, 0)]);
+        // Nothing survives below the first store: everything is redone, the whole subject read.
+        assert!(c.survives_loss(9).is_none());
+        assert!(c.after_loss(9).checkpoints_newest_first().all(|c| c.journal_seq == 0));
     }
 
     #[test]

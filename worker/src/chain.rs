@@ -90,6 +90,10 @@ pub struct LogQuery {
     pub addresses: Vec<Address>,
     /// topic0..topic3; `None` matches anything, `Some(v)` any of `v`.
     pub topics: [Option<Vec<B256>>; 4],
+    /// One block by its hash (EIP-234; `from` and `to` are its number): answered from that
+    /// block's receipts, whichever branch it is on, rather than from a log index that may lag
+    /// the endpoint's head.
+    pub block_hash: Option<B256>,
 }
 
 /// A failed RPC call, classified.
@@ -366,12 +370,19 @@ impl ChainRpc for HttpRpc {
         while topics.last().is_some_and(Option::is_none) {
             topics.pop();
         }
-        let filter = serde_json::json!([{
-            "fromBlock": format!("{:#x}", query.from),
-            "toBlock": format!("{:#x}", query.to),
-            "address": query.addresses,
-            "topics": topics,
-        }]);
+        let filter = match query.block_hash {
+            Some(hash) => serde_json::json!([{
+                "blockHash": hash,
+                "address": query.addresses,
+                "topics": topics,
+            }]),
+            None => serde_json::json!([{
+                "fromBlock": format!("{:#x}", query.from),
+                "toBlock": format!("{:#x}", query.to),
+                "address": query.addresses,
+                "topics": topics,
+            }]),
+        };
         let wire: Vec<WireLog> = self.request(METHOD, filter).await?.unwrap_or_default();
         let mut logs: Vec<Log> = wire.into_iter().map(WireLog::into_log).collect();
         validate_logs(query, &logs).map_err(|message| RpcError::BadAnswer { method: METHOD, message })?;
@@ -495,6 +506,9 @@ fn validate_logs(query: &LogQuery, logs: &[Log]) -> Result<(), String> {
         if number < query.from || number > query.to {
             return Err(format!("log in block {number} outside {}..={}", query.from, query.to));
         }
+        if query.block_hash.is_some_and(|hash| log.block_hash != Some(hash)) {
+            return Err(format!("log from block {:?}, but asked for {:?}", log.block_hash, query.block_hash));
+        }
         if !query.addresses.contains(&log.address()) {
             return Err(format!("log from {} but asked for {:?}", log.address(), query.addresses));
         }
@@ -546,7 +560,8 @@ mod tests {
     #[test]
     fn validation_rejects_answers_that_cannot_be_right() {
         let a = address!("0x1111111111111111111111111111111111111111");
-        let q = LogQuery { from: 10, to: 20, addresses: vec![a], topics: Default::default() };
+        let q =
+            LogQuery { from: 10, to: 20, addresses: vec![a], topics: Default::default(), block_hash: None };
         assert!(validate_logs(&q, &[log(Some(10), a), log(Some(20), a)]).is_ok());
         assert!(validate_logs(&q, &[log(Some(21), a)]).unwrap_err().contains("outside"));
         assert!(validate_logs(&q, &[log(None, a)]).unwrap_err().contains("without"));

@@ -373,7 +373,7 @@ mod tests {
     #[tokio::test]
     async fn a_range_refusal_is_the_callers_business_not_a_failover() {
         let pool = pool(vec![Flaky::new(1), Flaky::new(1)]);
-        let q = LogQuery { from: 1, to: 2, addresses: vec![], topics: Default::default() };
+        let q = LogQuery { from: 1, to: 2, addresses: vec![], topics: Default::default(), block_hash: None };
         assert!(matches!(pool.logs(&q).await, Err(RpcError::RangeTooLarge { .. })));
         assert!(pool.tip(Tip::Latest).await.is_ok());
         assert_eq!(pool.endpoints[1].rpc.calls.load(Ordering::SeqCst), 0);

@@ -289,10 +289,17 @@ impl Heads {
 
     /// Heads that never move, for tests of code that reads them.
     pub fn fixed(view: ChainView) -> Self {
-        let (tx, view) = watch::channel(Arc::new(view));
+        let (tx, heads) = Self::driven(view);
         // Keep the sender alive: a closed channel would read as a dead tracker.
         std::mem::forget(tx);
-        Self { view, finality_interest: Arc::default() }
+        heads
+    }
+
+    /// Heads moved by the caller instead of a tracker (simulations): every view sent is what
+    /// the subscriptions see next. Dropping the sender reads as a dead tracker.
+    pub fn driven(view: ChainView) -> (watch::Sender<Arc<ChainView>>, Self) {
+        let (tx, view) = watch::channel(Arc::new(view));
+        (tx, Self { view, finality_interest: Arc::default() })
     }
 }
 

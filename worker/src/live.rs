@@ -174,6 +174,7 @@ impl<R: ChainRpc> LiveLogs<R> {
                 to,
                 addresses: chunk.to_vec(),
                 topics: [Some(topic0s.clone()), None, None, None],
+                block_hash: None,
             })
             .collect();
         let mut fetched: Vec<Log> = Vec::new();

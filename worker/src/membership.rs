@@ -242,8 +242,16 @@ impl LeaseClock {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| (d != 0).then_some(d.max(deadline)));
     }
 
+    /// Grants `lease` for `ttl` from now and makes it the current registration, as
+    /// [`Membership`] does with a lease etcd granted: for simulations of lease loss and
+    /// re-registration without etcd.
+    pub fn grant_for_simulation(&self, lease: i64, ttl: Duration) {
+        self.granted(lease);
+        drop(self.begin(lease, Instant::now(), ttl));
+    }
+
     /// Ends the current registration (lease lost or revoked): nothing acts in its name any more.
-    fn end(&self) {
+    pub fn end(&self) {
         if let Some(registration) = lock(&self.shared.current).take() {
             registration.end();
         }

@@ -107,8 +107,9 @@ enum Why {
     Unwind,
     /// A rewind is to be applied: the cursor moves back into its epoch.
     Rewind(Rewind),
-    /// The subject's tail is below what the cursor says was stored.
-    Repair,
+    /// The subject's tail is below what the cursor says was stored (and a rewind may be
+    /// pending as well: it is applied in the same pass).
+    Repair(Option<Rewind>),
 }
 
 /// Where a task stands.
@@ -127,12 +128,14 @@ struct Progress {
     published: Published,
     /// Stream sequence of the newest message of the subject known stored.
     last_seq: u64,
+    /// A repair found due and not done yet: the block to publish again after.
+    repair: Option<u64>,
     /// Whether the missing finality tags of the chain were reported already.
     reported_no_finality: bool,
     /// Span of the next `eth_getLogs`, adapting to what the provider accepts.
     sizer: RangeSizer,
     /// When the cursor was last committed by this task.
-    last_commit: Option<std::time::Instant>,
+    last_commit: Option<tokio::time::Instant>,
     /// The cursor in memory is ahead of the committed one (only over ranges that published
     /// nothing).
     uncommitted: bool,
@@ -159,6 +162,7 @@ impl Progress {
             ledger: Ledger::empty(next.saturating_sub(1)),
             published: Published { epoch: 0, any_epoch_below: 0 },
             last_seq: 0,
+            repair: None,
             reported_no_finality: false,
             sizer: RangeSizer::new(1),
             last_commit: None,
@@ -253,7 +257,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                     let flush_at = progress
                         .last_commit
                         .filter(|_| progress.uncommitted)
-                        .map(|at| tokio::time::Instant::from_std(at + self.idle_commit_interval));
+                        .map(|at| at + self.idle_commit_interval);
                     let flush = async {
                         match flush_at {
                             Some(at) => tokio::time::sleep_until(at).await,
@@ -272,7 +276,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                                     return exit;
                                 }
                                 progress.uncommitted = false;
-                                progress.last_commit = Some(std::time::Instant::now());
+                                progress.last_commit = Some(tokio::time::Instant::now());
                             }
                         }
                     }
@@ -362,9 +366,9 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         let tail_seq = tail.as_ref().map_or(0, |(seq, _)| *seq);
         // The subject ends below what the cursor says was stored: acknowledged messages were
         // lost (a stream that had not synced them to disk), unless the stream's own retention
-        // removed them. Everything from the tail's block is published again.
-        let mut repair = None;
-        if let Some(cursor) = &p.cursor
+        // removed them. Everything above the newest checkpoint the subject still holds whole is
+        // published again.
+        if let Some(cursor) = p.cursor.clone()
             && tail_seq < cursor.stream_seq
         {
             let first_seq = tokio::select! {
@@ -372,7 +376,9 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 f = self.sink.first_seq() => f.map_err(journal_error)?,
             };
             if first_seq <= cursor.stream_seq {
-                let from = tail.as_ref().map_or(0, |(_, e)| e.block_number);
+                // Nothing below the subscription's first block was ever published.
+                let origin = self.origin(p);
+                let from = cursor.survives_loss(tail_seq).map_or(origin, |c| c.block_number.max(origin)) + 1;
                 tracing::warn!(
                     tail_seq,
                     cursor_seq = cursor.stream_seq,
@@ -380,24 +386,44 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                     "the subject lost acknowledged messages; publishing them again"
                 );
                 self.metrics.stream_repairs.with_label_values(&self.labels()).inc();
-                repair = Some(from.saturating_sub(1));
+                // Kept until a reconciliation succeeds: the cursor below no longer shows the loss.
+                let limit = from.saturating_sub(1);
+                p.repair = Some(p.repair.map_or(limit, |r| r.min(limit)));
+                // The lost sequences are handed out again: nothing may point past the tail.
+                p.cursor = Some(cursor.after_loss(tail_seq));
+                p.last_seq = tail_seq;
             }
         }
         p.last_seq = p.last_seq.max(tail_seq);
         let view = self.heads.now();
         let pending_rewind = self.rewind.filter(|r| r.epoch > p.epoch);
-        let (limit, why) = match (repair, pending_rewind) {
-            (Some(limit), _) => (limit, Why::Repair),
-            (None, Some(rewind)) => (rewind.from_block.max(1) - 1, Why::Rewind(rewind)),
+        let rewind_limit = |rewind: Rewind| rewind.from_block.max(1) - 1;
+        let (limit, why) = match (p.repair, pending_rewind) {
+            (Some(limit), rewind) => {
+                (rewind.map_or(limit, |r| limit.min(rewind_limit(r))), Why::Repair(rewind))
+            }
+            (None, Some(rewind)) => (rewind_limit(rewind), Why::Rewind(rewind)),
             (None, None) => (p.next.saturating_sub(1), Why::Start),
         };
         let step = self.reconcile(p, &view, subject, limit, why, cancel).await?;
+        p.repair = None;
         if let Some(rewind) = self.rewind.filter(|r| r.epoch == p.epoch) {
             // Below the rewind's block, blocks are redone (what is live counts); from it on,
             // replayed in the new epoch.
             p.published = Published { epoch: rewind.epoch, any_epoch_below: rewind.from_block };
         }
         Ok(step)
+    }
+
+    /// The block before the subscription's first: its start block's parent, or for a `latest`
+    /// start, the block its pinned first checkpoint names (the head when it was registered).
+    fn origin(&self, p: &Progress) -> u64 {
+        let oldest = p.cursor.as_ref().and_then(|c| c.checkpoints_newest_first().last());
+        match (self.spec.start_block, oldest) {
+            (StartBlock::Number(n), _) => n.saturating_sub(1),
+            (StartBlock::Latest, Some(oldest)) => oldest.block_number,
+            (StartBlock::Latest, None) => p.next.saturating_sub(1),
+        }
     }
 
     /// The task's own `eth_getLogs`, decoding in rewind epoch `epoch`.
@@ -472,10 +498,18 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             && !cursor.block_hash.is_zero()
             && cursor.block_number <= head
         {
-            let Some(now) = self.canonical_block(view, cursor.block_number, cancel).await? else {
-                return Ok(Step::Exit(Exit::Cancelled));
+            // The next range is read against the window, so the cursor is checked against the
+            // window's branch too: when its block is just below the window, through the
+            // parent hash of the window's first block (the endpoint may already be on another
+            // branch than the head tracker's view).
+            let now = match view.block(cursor.block_number + 1) {
+                Some(child) => child.parent_hash,
+                None => match self.canonical_block(view, cursor.block_number, cancel).await? {
+                    Some(block) => block.hash,
+                    None => return Ok(Step::Exit(Exit::Cancelled)),
+                },
             };
-            if now.hash != cursor.block_hash {
+            if now != cursor.block_hash {
                 fetching.ahead = None;
                 return self.reconcile(p, view, subject, cursor.block_number, Why::Unwind, cancel).await;
             }
@@ -562,6 +596,22 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         {
             fetching.ahead = None;
             return self.reconcile(p, view, subject, cursor.block_number, Why::Unwind, cancel).await;
+        }
+        // Ranges fetched before a reorg chain up with each other, so only the chain can tell
+        // the last of them is stale. The last one is checked: the task idles after it until
+        // the head moves, and on a quiet chain that would be never.
+        if range.to >= target {
+            let Some(now) = self.canonical_block(view, range.to, cancel).await? else {
+                return Ok(Step::Exit(Exit::Cancelled));
+            };
+            if now.hash != range.last_block.hash {
+                tracing::debug!(
+                    block = range.to,
+                    "read-ahead range orphaned since it was fetched; reading again"
+                );
+                fetching.ahead = None;
+                return Ok(Step::Continue);
+            }
         }
         fetching.depth.succeeded();
         p.sizer.answered(span, range.logs);
@@ -690,6 +740,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             block_number: to,
             block_hash: to_hash,
             journal_seq: p.ledger.journal_floor(to, p.last_seq),
+            stored_seq: p.last_seq,
         };
         let cursor = match &p.cursor {
             Some(previous) => previous.advance(checkpoint, p.last_seq),
@@ -711,7 +762,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             if let Err(exit) = self.commit(&cursor, cancel).await {
                 return Ok(Step::Exit(exit));
             }
-            p.last_commit = Some(std::time::Instant::now());
+            p.last_commit = Some(tokio::time::Instant::now());
         }
         p.uncommitted = !due;
         p.next = cursor.next_block();
@@ -875,14 +926,9 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 // rewind below every checkpoint, or a reorg deeper than all of them): from the
                 // subscription's start (for a `latest` start, from before its pinned first
                 // checkpoint), reading the whole subject.
-                let oldest = p.cursor.as_ref().and_then(|c| c.checkpoints_newest_first().last());
-                let origin = match (self.spec.start_block, oldest) {
-                    (StartBlock::Number(n), _) => n.saturating_sub(1),
-                    (StartBlock::Latest, Some(oldest)) => oldest.block_number.saturating_sub(1),
-                    (StartBlock::Latest, None) => p.next.saturating_sub(1),
-                };
+                let origin = self.origin(p);
                 let block_number = if anchor.is_some() { limit } else { limit.min(origin) };
-                Checkpoint { block_number, block_hash: B256::ZERO, journal_seq: 0 }
+                Checkpoint { block_number, block_hash: B256::ZERO, journal_seq: 0, stored_seq: 0 }
             }
         };
         // 2. What the subject holds above it.
@@ -905,6 +951,26 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 let Some(hash) = self.canonical_hash(view, number, &mut hashes, cancel).await? else {
                     return Ok(Step::Exit(Exit::Cancelled));
                 };
+                // The anchor vouches for `number` only if both are on one branch: the anchor
+                // may come from the head tracker's window and `number` from the endpoint, so
+                // the endpoint must still have the anchor after it answered for `number`.
+                if let Some(anchor) = anchor.filter(|a| a.block_number > number) {
+                    let Some(now) = self
+                        .call(self.chain.block(anchor.block_number), "eth_getBlockByNumber", cancel)
+                        .await?
+                    else {
+                        return Ok(Step::Exit(Exit::Cancelled));
+                    };
+                    if now.hash != anchor.block_hash {
+                        return Err(RpcError::BadAnswer {
+                            method: "eth_getBlockByNumber",
+                            message: format!(
+                                "checkpoint {} {} is no longer the endpoint's block: the chain is reorganising",
+                                anchor.block_number, anchor.block_hash
+                            ),
+                        });
+                    }
+                }
                 hash
             } else {
                 B256::ZERO
@@ -913,6 +979,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 block_number: number,
                 block_hash: hash,
                 journal_seq: ledger.journal_floor(number, p.last_seq).min(p.last_seq),
+                stored_seq: p.last_seq,
             }
         } else {
             floor
@@ -927,9 +994,10 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         }
         let retractions = ledger.take_orphaned(|n| hashes.get(&n).copied());
         // 4. Raise the generation before retracting or repairing anything, and move back.
-        let generation = p.generation + u64::from(!retractions.is_empty() || why == Why::Repair);
+        let repair = matches!(why, Why::Repair(_));
+        let generation = p.generation + u64::from(!retractions.is_empty() || repair);
         let epoch = match why {
-            Why::Rewind(rewind) => rewind.epoch,
+            Why::Rewind(rewind) | Why::Repair(Some(rewind)) => rewind.epoch,
             _ => p.epoch,
         };
         let moved = match &p.cursor {
@@ -945,13 +1013,24 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             }),
             None => None,
         };
+        if why == Why::Unwind && moved.is_none() && retractions.is_empty() {
+            // Called because the cursor's block looked orphaned, yet it is the newest canonical
+            // checkpoint: the head tracker's window and the endpoint are on different branches
+            // for now. Backing off until they agree, rather than asking again at once.
+            return Err(RpcError::BadAnswer {
+                method: "eth_getBlockByNumber",
+                message: format!(
+                    "block {limit} is orphaned by one answer and canonical by another: the chain is reorganising"
+                ),
+            });
+        }
         if let Some(cursor) = moved {
             if let Err(exit) = self.commit(&cursor, cancel).await {
                 return Ok(Step::Exit(exit));
             }
             p.next = cursor.next_block();
             p.cursor = Some(cursor);
-            p.last_commit = Some(std::time::Instant::now());
+            p.last_commit = Some(tokio::time::Instant::now());
             p.uncommitted = false;
         }
         p.generation = generation;
@@ -1104,7 +1183,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         method: &str,
         cancel: &CancellationToken,
     ) -> Result<Option<T>, RpcError> {
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         tokio::select! {
             _ = cancel.cancelled() => Ok(None),
             result = call => self.observe(result, method, started).map(Some),
@@ -1115,7 +1194,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         &self,
         result: Result<T, RpcError>,
         method: &str,
-        started: std::time::Instant,
+        started: tokio::time::Instant,
     ) -> Result<T, RpcError> {
         let chain = self.spec.chain_id.to_string();
         self.metrics.observe_rpc(&chain, method, started.elapsed(), &result);
@@ -1211,7 +1290,7 @@ mod tests {
                 *calls += 1;
                 *calls
             };
-            if self.empty_every.is_some_and(|n| call.is_multiple_of(n)) {
+            if q.block_hash.is_none() && self.empty_every.is_some_and(|n| call.is_multiple_of(n)) {
                 return Ok(vec![]);
             }
             if self.fail_every.is_some_and(|n| call.is_multiple_of(n)) {

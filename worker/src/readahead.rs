@@ -117,7 +117,13 @@ pub struct FetchedRange {
 impl<R: ChainRpc> RangeReader<R> {
     /// The query for `from..=to`.
     pub fn query(&self, from: u64, to: u64) -> LogQuery {
-        LogQuery { from, to, addresses: self.addresses.clone(), topics: self.topics.clone() }
+        LogQuery {
+            from,
+            to,
+            addresses: self.addresses.clone(),
+            topics: self.topics.clone(),
+            block_hash: None,
+        }
     }
 
     async fn observed<T>(
@@ -136,8 +142,10 @@ impl<R: ChainRpc> RangeReader<R> {
     /// block), in any order. Every log from a known block must carry its hash (else the chain
     /// is reorganising under the call: an error, retried). A known block whose `logsBloom`
     /// says it may hold a matching log, but which got none, makes the answer suspect: it is
-    /// asked again (answers merged) up to [`LOG_ATTEMPTS`] times before the bloom is taken for
-    /// a false positive.
+    /// asked again (answers merged) up to [`LOG_ATTEMPTS`] times. Then its logs are asked for
+    /// by block hash, from the block's receipts: what they hold is its answer (nothing: the
+    /// bloom gave a false positive), on the known block's branch even when the endpoint has
+    /// moved to another one since the head tracker looked.
     pub async fn logs(&self, query: &LogQuery, known: &[BlockRef]) -> Result<Vec<Log>, RpcError> {
         let known: BTreeMap<u64, &BlockRef> = known.iter().map(|b| (b.number, b)).collect();
         let mut merged: BTreeMap<(u64, u64), Log> = BTreeMap::new();
@@ -175,11 +183,27 @@ impl<R: ChainRpc> RangeReader<R> {
                     attempt,
                     "logsBloom says logs are missing from the answer; asking again"
                 );
-            } else {
-                tracing::debug!(
-                    ?suspect,
-                    "logsBloom matched but no logs after {LOG_ATTEMPTS} answers: false positive"
-                );
+                continue;
+            }
+            // A lagging index can miss a block any number of times; the block's own receipts
+            // cannot. What they hold is the block's answer, nothing a false positive.
+            for number in suspect {
+                let query = LogQuery {
+                    from: number,
+                    to: number,
+                    block_hash: Some(known[&number].hash),
+                    ..query.clone()
+                };
+                let logs = self.observed("eth_getLogs", self.chain.logs(&query)).await?;
+                if logs.is_empty() {
+                    tracing::debug!(
+                        block = number,
+                        "logsBloom matched but the block has no such logs: false positive"
+                    );
+                }
+                for log in logs {
+                    merged.insert((number, log.log_index.unwrap_or_default()), log);
+                }
             }
         }
         Ok(merged.into_values().collect())
@@ -196,13 +220,32 @@ impl<R: ChainRpc> RangeReader<R> {
 
     /// Reads and decodes `from..=to`, checking the logs against the canonical blocks the
     /// head tracker's `view` knows in the range, and the range's last block.
+    ///
+    /// Logs from blocks nobody knows the hash of (below the window) cannot be checked one by
+    /// one, so the read is bracketed instead: the last block is read before the logs, and the
+    /// last block and the parent after them, from the endpoint. The same last block on both
+    /// sides means the logs came from its branch, and the parent read after is on that branch
+    /// too; only a chain that left the branch and came back between two calls (A-B-A within
+    /// one round trip) could slip through.
     pub async fn read(&self, from: u64, to: u64, view: &ChainView) -> Result<FetchedRange, RpcError> {
-        let (last_block, parent) =
-            tokio::join!(self.block(view, to), self.block(view, from.saturating_sub(1)));
-        let (last_block, parent) = (last_block?, parent?);
+        let before = self.block(view, to).await?;
         let mut known: Vec<BlockRef> = view.window.range(from, to).copied().collect();
-        known.push(last_block);
+        known.push(before);
         let logs = self.logs(&self.query(from, to), &known).await?;
+        let (last_block, parent) = tokio::join!(
+            self.observed("eth_getBlockByNumber", self.chain.block(to)),
+            self.observed("eth_getBlockByNumber", self.chain.block(from.saturating_sub(1)))
+        );
+        let (last_block, parent) = (last_block?, parent?);
+        if last_block.hash != before.hash {
+            return Err(RpcError::BadAnswer {
+                method: "eth_getLogs",
+                message: format!(
+                    "block {to} was {} before the logs were read and {} after: the chain is reorganising",
+                    before.hash, last_block.hash
+                ),
+            });
+        }
         let count = logs.len();
         let decoder = self.decoder.clone();
         // Decoding is CPU work: off the runtime's threads, so it overlaps with publishing.

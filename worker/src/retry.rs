@@ -3,6 +3,7 @@
 //! Jittered exponential delays, capped. [`retry`] logs a failure once when a dependency
 //! goes bad and once when it recovers, not on every attempt.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -33,8 +34,7 @@ impl Backoff {
         self.attempts += 1;
         let nominal = self.current;
         self.current = (self.current * 2).min(self.max);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().subsec_nanos();
-        let fraction = 0.5 + f64::from(nanos % 1000) / 2000.0;
+        let fraction = 0.5 + (jitter() % 1000) as f64 / 2000.0;
         nominal.mul_f64(fraction)
     }
 
@@ -48,6 +48,31 @@ impl Backoff {
         self.current = self.initial;
         self.attempts = 0;
     }
+}
+
+thread_local! {
+    /// This thread's jitter source: seeded from the clock, so that processes (and threads)
+    /// spread their retries apart, unless seeded with [`seed_jitter`].
+    static JITTER: Cell<u64> = Cell::new(
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64 | 1,
+    );
+}
+
+/// Makes this thread's backoff jitter a function of `seed` (deterministic simulations).
+pub fn seed_jitter(seed: u64) {
+    JITTER.with(|state| state.set(seed | 1));
+}
+
+/// The next value of this thread's jitter source (xorshift64).
+fn jitter() -> u64 {
+    JITTER.with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        state.set(x);
+        x
+    })
 }
 
 /// Sleeps for the next backoff delay; `false` if cancelled first.
