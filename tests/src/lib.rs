@@ -14,6 +14,7 @@
 
 pub mod chain;
 pub mod check;
+pub mod clusters;
 pub mod herald;
 pub mod process;
 pub mod rpc_proxy;
