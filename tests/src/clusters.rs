@@ -7,6 +7,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use crate::process::{ChildProcess, free_port};
+use crate::services::etcd_args;
 use crate::{tool, wait_for};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -55,32 +56,10 @@ impl EtcdCluster {
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
         let initial = self.initial_cluster();
         let m = &mut self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client_port);
-        let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let data = m.dir.path().join("data");
-        let args = [
-            "--name",
-            &m.name,
-            "--data-dir",
-            &data.to_string_lossy(),
-            "--listen-client-urls",
-            &client,
-            "--advertise-client-urls",
-            &client,
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-            "--initial-cluster",
-            &initial,
-            "--initial-cluster-state",
-            "new",
-            "--initial-cluster-token",
-            "herald-cluster",
-            "--log-level",
-            "warn",
-        ]
-        .map(String::from);
+        let mut args = etcd_args(&m.name, m.dir.path(), m.client_port, m.peer_port, &initial);
+        args.extend(
+            ["--initial-cluster-state", "new", "--initial-cluster-token", "herald-cluster"].map(String::from),
+        );
         m.process = Some(ChildProcess::spawn(&m.name, &tool("etcd"), &args, &[], m.dir.path())?);
         Ok(())
     }

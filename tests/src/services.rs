@@ -36,27 +36,8 @@ impl Etcd {
     }
 
     fn spawn(dir: &Path, port: u16, peer_port: u16) -> anyhow::Result<ChildProcess> {
-        let client = format!("http://127.0.0.1:{port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
-        let args = [
-            "--name",
-            "herald-test",
-            "--data-dir",
-            &dir.join("data").to_string_lossy(),
-            "--listen-client-urls",
-            &client,
-            "--advertise-client-urls",
-            &client,
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-            "--initial-cluster",
-            &format!("herald-test={peer}"),
-            "--log-level",
-            "warn",
-        ]
-        .map(String::from);
+        let initial = format!("herald-test=http://127.0.0.1:{peer_port}");
+        let args = etcd_args("herald-test", dir, port, peer_port, &initial);
         ChildProcess::spawn("etcd", &tool("etcd"), &args, &[], dir)
     }
 
@@ -91,6 +72,39 @@ impl Etcd {
         self.process = Self::spawn(self.dir.path(), self.port, self.peer_port)?;
         self.wait_ready().await
     }
+}
+
+/// The command line of etcd member `name` on loopback, with its data under `dir`, in the
+/// cluster `initial_cluster` (`name=peer-url,...`).
+pub(crate) fn etcd_args(
+    name: &str,
+    dir: &Path,
+    port: u16,
+    peer_port: u16,
+    initial_cluster: &str,
+) -> Vec<String> {
+    let client = format!("http://127.0.0.1:{port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    [
+        "--name",
+        name,
+        "--data-dir",
+        &dir.join("data").to_string_lossy(),
+        "--listen-client-urls",
+        &client,
+        "--advertise-client-urls",
+        &client,
+        "--listen-peer-urls",
+        &peer,
+        "--initial-advertise-peer-urls",
+        &peer,
+        "--initial-cluster",
+        initial_cluster,
+        "--log-level",
+        "warn",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// A NATS server with JetStream and a file store.

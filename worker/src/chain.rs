@@ -160,6 +160,12 @@ pub enum RpcError {
 }
 
 impl RpcError {
+    /// Two answers about the chain disagree (`what`): it is reorganising under the calls, or
+    /// two sources are on different branches for a moment. A bad answer, retried.
+    pub fn reorganising(method: &'static str, what: String) -> Self {
+        Self::BadAnswer { method, message: format!("{what}: the chain is reorganising") }
+    }
+
     /// Whether retrying the same call may succeed. Every RPC failure is treated as
     /// transient: a worker never gives up on a chain, it backs off (a refused range is asked
     /// again smaller).

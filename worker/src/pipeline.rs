@@ -962,13 +962,13 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                         return Ok(Step::Exit(Exit::Cancelled));
                     };
                     if now.hash != anchor.block_hash {
-                        return Err(RpcError::BadAnswer {
-                            method: "eth_getBlockByNumber",
-                            message: format!(
-                                "checkpoint {} {} is no longer the endpoint's block: the chain is reorganising",
+                        return Err(RpcError::reorganising(
+                            "eth_getBlockByNumber",
+                            format!(
+                                "checkpoint {} {} is no longer the endpoint's block",
                                 anchor.block_number, anchor.block_hash
                             ),
-                        });
+                        ));
                     }
                 }
                 hash
@@ -1017,12 +1017,10 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             // Called because the cursor's block looked orphaned, yet it is the newest canonical
             // checkpoint: the head tracker's window and the endpoint are on different branches
             // for now. Backing off until they agree, rather than asking again at once.
-            return Err(RpcError::BadAnswer {
-                method: "eth_getBlockByNumber",
-                message: format!(
-                    "block {limit} is orphaned by one answer and canonical by another: the chain is reorganising"
-                ),
-            });
+            return Err(RpcError::reorganising(
+                "eth_getBlockByNumber",
+                format!("block {limit} is orphaned by one answer and canonical by another"),
+            ));
         }
         if let Some(cursor) = moved {
             if let Err(exit) = self.commit(&cursor, cancel).await {

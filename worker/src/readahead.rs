@@ -157,13 +157,13 @@ impl<R: ChainRpc> RangeReader<R> {
                 if let Some(block) = known.get(&number)
                     && log.block_hash != Some(block.hash)
                 {
-                    return Err(RpcError::BadAnswer {
-                        method: "eth_getLogs",
-                        message: format!(
-                            "log from block {number} {:?}, but the canonical block is {}: the chain is reorganising",
+                    return Err(RpcError::reorganising(
+                        "eth_getLogs",
+                        format!(
+                            "log from block {number} {:?}, but the canonical block is {}",
                             log.block_hash, block.hash
                         ),
-                    });
+                    ));
                 }
                 merged.insert((number, index), log);
             }
@@ -238,13 +238,13 @@ impl<R: ChainRpc> RangeReader<R> {
         );
         let (last_block, parent) = (last_block?, parent?);
         if last_block.hash != before.hash {
-            return Err(RpcError::BadAnswer {
-                method: "eth_getLogs",
-                message: format!(
-                    "block {to} was {} before the logs were read and {} after: the chain is reorganising",
+            return Err(RpcError::reorganising(
+                "eth_getLogs",
+                format!(
+                    "block {to} was {} before the logs were read and {} after",
                     before.hash, last_block.hash
                 ),
-            });
+            ));
         }
         let count = logs.len();
         let decoder = self.decoder.clone();
