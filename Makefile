@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 DEMO_SECONDS ?=
 export DEMO_SECONDS
 
-.PHONY: deps build demo test test-unit helm-check api-fuzz bench lint fmt contracts dashboards-check alerts-check
+.PHONY: deps build demo test test-unit helm-check api-fuzz bench chaos lint fmt contracts dashboards-check alerts-check
 
 deps:
 	@bash scripts/install-deps.sh
@@ -63,6 +63,18 @@ export BENCH
 bench: deps
 	cargo build --release --bins
 	@cargo run --release -q -p herald-tests --bin herald-bench
+
+## The randomized fault soak (release build) against a 3-member etcd, a 3-node JetStream
+## cluster, anvil behind a fault proxy, 2 coordinators and 3 workers; checked from the
+## consumer's side. CHAOS_SECONDS (900), CHAOS_SEED (from the clock), CHAOS_FAULTS (220).
+## Last line: chaos: faults=F lost=L dup=D extra=E order=O unmatched=U stale=S panics=P ...
+CHAOS_SECONDS ?=
+CHAOS_SEED ?=
+CHAOS_FAULTS ?=
+export CHAOS_SECONDS CHAOS_SEED CHAOS_FAULTS
+chaos: deps
+	cargo build --release --bins
+	@cargo run --release -q -p herald-tests --bin herald-chaos
 
 ## Unit tests only (no services).
 test-unit:

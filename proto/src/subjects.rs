@@ -14,6 +14,9 @@ pub const SUBSCRIPTION_HEADER: &str = "Herald-Subscription";
 pub const BLOCK_HEADER: &str = "Herald-Block";
 /// `true` when the message retracts an earlier one (its block was orphaned).
 pub const REMOVED_HEADER: &str = "Herald-Removed";
+/// The worker that published the message: which owner acted, for audits (`make chaos` checks
+/// it against the owner keys' history).
+pub const WORKER_HEADER: &str = "Herald-Worker";
 
 /// Root of herald's default subjects.
 pub const DEFAULT_SUBJECT_ROOT: &str = "herald.events";

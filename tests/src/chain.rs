@@ -69,7 +69,17 @@ impl TestChain {
     }
 
     async fn send(&self, tx: TransactionRequest) -> anyhow::Result<alloy::rpc::types::TransactionReceipt> {
-        let hash = *self.provider.send_transaction(tx).await?.tx_hash();
+        let hash = self.submit(tx).await?;
+        self.wait_mined(hash).await
+    }
+
+    /// Sends a transaction without waiting for it to be mined; returns its hash.
+    pub async fn submit(&self, tx: TransactionRequest) -> anyhow::Result<B256> {
+        Ok(*self.provider.send_transaction(tx).await?.tx_hash())
+    }
+
+    /// Waits until transaction `hash` is mined and checks that it succeeded.
+    pub async fn wait_mined(&self, hash: B256) -> anyhow::Result<alloy::rpc::types::TransactionReceipt> {
         let receipt = wait_for("a transaction receipt", Duration::from_secs(30), || async {
             self.provider.get_transaction_receipt(hash).await.ok().flatten()
         })
@@ -78,16 +88,38 @@ impl TestChain {
         Ok(receipt)
     }
 
-    async fn call(&self, function: &str, args: &[DynSolValue]) -> anyhow::Result<u64> {
+    fn call_tx(&self, function: &str, args: &[DynSolValue]) -> anyhow::Result<TransactionRequest> {
         let f = self
             .abi
             .function(function)
             .and_then(|f| f.first())
             .ok_or_else(|| anyhow::anyhow!("no {function}"))?;
         let input = f.abi_encode_input(args)?;
-        let tx = TransactionRequest::default().from(self.from).to(self.contract).with_input(input);
-        let receipt = self.send(tx).await?;
+        Ok(TransactionRequest::default().from(self.from).to(self.contract).with_input(input))
+    }
+
+    async fn call(&self, function: &str, args: &[DynSolValue]) -> anyhow::Result<u64> {
+        let receipt = self.send(self.call_tx(function, args)?).await?;
         Ok(receipt.block_number.unwrap_or_default())
+    }
+
+    /// The transaction of `emit_many(n)`, to submit or to put into a reorg.
+    pub fn emit_many_tx(&self, n: u64) -> anyhow::Result<TransactionRequest> {
+        self.call_tx("emitMany", &[DynSolValue::Uint(U256::from(n), 256)])
+    }
+
+    /// The transaction of `emit_note(text, payload, values)`.
+    pub fn emit_note_tx(&self, text: &str, payload: &[u8], values: &[u64]) -> anyhow::Result<TransactionRequest> {
+        let values = values.iter().map(|v| DynSolValue::Uint(U256::from(*v), 256)).collect();
+        self.call_tx(
+            "emitNote",
+            &[DynSolValue::String(text.into()), DynSolValue::Bytes(payload.to_vec()), DynSolValue::Array(values)],
+        )
+    }
+
+    /// The contract's ABI as JSON (what a subscription's `abi` field takes).
+    pub fn abi_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.abi).unwrap_or_default()
     }
 
     /// Emits `n` Transfers in one transaction; returns its block.
@@ -97,16 +129,8 @@ impl TestChain {
 
     /// Emits one Note; returns its block.
     pub async fn emit_note(&self, text: &str, payload: &[u8], values: &[u64]) -> anyhow::Result<u64> {
-        let values = values.iter().map(|v| DynSolValue::Uint(U256::from(*v), 256)).collect();
-        self.call(
-            "emitNote",
-            &[
-                DynSolValue::String(text.into()),
-                DynSolValue::Bytes(payload.to_vec()),
-                DynSolValue::Array(values),
-            ],
-        )
-        .await
+        let receipt = self.send(self.emit_note_tx(text, payload, values)?).await?;
+        Ok(receipt.block_number.unwrap_or_default())
     }
 
     /// Emits a log with Transfer's topic0 that does not decode as a Transfer.
@@ -117,19 +141,33 @@ impl TestChain {
     /// Replaces the last `depth` blocks (`anvil_reorg`) with new ones holding `emit_many(n)`
     /// transactions, one per `(n, block offset)` in `emits` (offset 0 = the first new block).
     pub async fn reorg(&self, depth: u64, emits: &[(u64, u64)]) -> anyhow::Result<()> {
-        let f = self
-            .abi
-            .function("emitMany")
-            .and_then(|f| f.first())
-            .ok_or_else(|| anyhow::anyhow!("no emitMany"))?;
         let mut txs = Vec::new();
         for &(n, offset) in emits {
-            let input = f.abi_encode_input(&[DynSolValue::Uint(U256::from(n), 256)])?;
-            let tx = TransactionRequest::default().from(self.from).to(self.contract).with_input(input);
-            txs.push((tx, offset));
+            txs.push((self.emit_many_tx(n)?, offset));
         }
+        self.reorg_with(depth, txs).await
+    }
+
+    /// Replaces the last `depth` blocks (`anvil_reorg`) with new ones holding `txs`, each at
+    /// its block offset (0 = the first new block); the transactions may call any contract.
+    pub async fn reorg_with(&self, depth: u64, txs: Vec<(TransactionRequest, u64)>) -> anyhow::Result<()> {
         let _: serde_json::Value = self.provider.raw_request("anvil_reorg".into(), (depth, txs)).await?;
         Ok(())
+    }
+
+    /// Sends a raw JSON-RPC request to the chain (e.g. `evm_setIntervalMining`).
+    pub async fn raw(&self, method: &'static str, params: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        Ok(self.provider.raw_request(method.into(), params).await?)
+    }
+
+    /// Every log of the contract with topic0 `topic0` in `from..=to`.
+    pub async fn logs(&self, topic0: B256, from: u64, to: u64) -> anyhow::Result<Vec<alloy::rpc::types::Log>> {
+        let filter = alloy::rpc::types::Filter::new()
+            .address(self.contract)
+            .event_signature(topic0)
+            .from_block(from)
+            .to_block(to);
+        Ok(self.provider.get_logs(&filter).await?)
     }
 
     /// The contract's Transfer logs on the canonical chain up to `to`, as (block hash, log index, value).

@@ -226,12 +226,33 @@ impl NatsCluster {
         }
     }
 
+    /// SIGTERMs server `i` and waits for it to exit (it flushes its store first).
+    pub async fn stop(&mut self, i: usize) {
+        if let Some(mut p) = self.nodes[i].process.take() {
+            p.terminate().await;
+        }
+    }
+
     /// Starts server `i` again with its store, after [`Self::kill`], and waits for it.
     pub async fn start_again(&mut self, i: usize) -> anyhow::Result<()> {
         if self.nodes[i].process.is_none() {
             self.spawn(i)?;
         }
         self.wait_node(i).await
+    }
+
+    /// Starts every server that is down, then waits for each (a cluster restarted whole
+    /// needs a quorum of its servers before any answers).
+    pub async fn start_all_again(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].process.is_none() {
+                self.spawn(i)?;
+            }
+        }
+        for i in 0..self.nodes.len() {
+            self.wait_node(i).await?;
+        }
+        Ok(())
     }
 
     /// The store directory of server `i`.

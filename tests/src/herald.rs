@@ -25,9 +25,9 @@ pub const STREAM: &str = "HERALD";
 pub struct WorkerSettings {
     /// Worker id.
     pub worker_id: String,
-    /// etcd client URL.
+    /// etcd client URLs, comma-separated.
     pub etcd: String,
-    /// NATS URL.
+    /// NATS URLs, comma-separated.
     pub nats: String,
     /// Chain JSON-RPC URL.
     pub rpc: String,
@@ -47,6 +47,8 @@ pub struct WorkerSettings {
     pub lease_ttl_secs: u64,
     /// Logs as JSON lines (`log_format = "json"`) instead of text.
     pub json_logs: bool,
+    /// Replicas of the stream (`nats.stream.replicas`).
+    pub stream_replicas: usize,
 }
 
 impl WorkerSettings {
@@ -65,6 +67,7 @@ impl WorkerSettings {
             metrics_port: free_port(),
             lease_ttl_secs: 10,
             json_logs: false,
+            stream_replicas: 1,
         }
     }
 
@@ -76,7 +79,7 @@ metrics_listen = "127.0.0.1:{metrics}"
 log_format = "{log_format}"
 
 [etcd]
-endpoints = ["{etcd}"]
+endpoints = [{etcd}]
 connect_timeout = "1s"
 request_timeout = "3s"
 
@@ -88,6 +91,7 @@ ack_timeout = "2s"
 name = "{STREAM}"
 subjects = ["herald.events.>"]
 duplicate_window = "10m"
+replicas = {replicas}
 
 [membership]
 lease_ttl = "{ttl}s"
@@ -104,14 +108,11 @@ request_timeout = "{timeout}ms"
             log_format = if self.json_logs { "json" } else { "text" },
             id = self.worker_id,
             metrics = self.metrics_port,
-            etcd = self.etcd,
+            etcd = toml_list(self.etcd.split(',')),
             nats = self.nats,
+            replicas = self.stream_replicas,
             chain = ANVIL_CHAIN_ID,
-            rpc = std::iter::once(&self.rpc)
-                .chain(&self.fallback_rpc)
-                .map(|u| format!("\"{u}\""))
-                .collect::<Vec<_>>()
-                .join(", "),
+            rpc = toml_list(std::iter::once(&self.rpc).chain(&self.fallback_rpc).map(String::as_str)),
             timeout = self.request_timeout_ms,
             rps =
                 self.requests_per_second.map(|r| format!("requests_per_second = {r}\n")).unwrap_or_default(),
@@ -119,6 +120,11 @@ request_timeout = "{timeout}ms"
             range = self.max_block_range,
         )
     }
+}
+
+/// `"a", "b"`: strings as the items of a TOML array.
+fn toml_list<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    items.map(|i| format!("\"{i}\"")).collect::<Vec<_>>().join(", ")
 }
 
 /// A `herald-worker` process.
@@ -433,7 +439,7 @@ pub const READ_TOKEN: &str = "test-read-token-0123456789";
 pub struct CoordinatorSettings {
     /// API port.
     pub port: u16,
-    /// etcd client URL.
+    /// etcd client URLs, comma-separated.
     pub etcd: String,
     /// Chain JSON-RPC URL (for heads).
     pub rpc: String,
@@ -462,7 +468,7 @@ max_delay = "1s"
 resync_interval = "2s"
 
 [etcd]
-endpoints = ["{etcd}"]
+endpoints = [{etcd}]
 
 [auth]
 admin_token = "{ADMIN_TOKEN}"
@@ -479,7 +485,7 @@ rpc_urls = ["{rpc}"]
 head_poll_interval = "200ms"
 "#,
             port = self.port,
-            etcd = self.etcd,
+            etcd = toml_list(self.etcd.split(',')),
             protect = self.protect_reads,
             chain = ANVIL_CHAIN_ID,
             rpc = self.rpc,

@@ -9,10 +9,12 @@
 //! - [`services`]: [`Etcd`], [`Nats`], [`Anvil`].
 //! - [`chain`]: deploys and drives the test contract (`contracts/HeraldTest.sol`).
 //! - [`herald`]: worker processes, subscription registration, reading the stream back.
+//! - [`chaos`]: the randomized fault soak of `make chaos`.
 //! - [`check`]: assertions over what a consumer reads and what etcd recorded.
 //! - [`wait`]: polling a condition with a deadline (tests never sleep for a fixed time).
 
 pub mod chain;
+pub mod chaos;
 pub mod check;
 pub mod clusters;
 pub mod herald;

@@ -36,7 +36,8 @@ pub struct Faults {
     pub slow_ms: AtomicU64,
     /// Every n-th `eth_getLogs` connection is dropped mid-answer.
     pub drop_every: AtomicU64,
-    /// Every n-th `eth_getLogs` answer is `[]` (a load-balanced node whose log index lags).
+    /// Every n-th `eth_getLogs` answer is `[]` (a load-balanced node whose log index lags);
+    /// queries by `blockHash` are spared.
     pub empty_logs_every: AtomicU64,
     /// Every n-th `eth_getBlockByNumber("latest")` (and `eth_blockNumber`) answers with the
     /// block this many blocks below the real head (a lagging node).
@@ -319,7 +320,10 @@ impl Inner {
             if had_logs {
                 self.counters.answered_logs.fetch_add(1, Ordering::SeqCst);
             }
-            if every(&self.counters.get_logs, &self.faults.empty_logs_every) {
+            // A node whose log index lags still knows the logs of a block it names by hash
+            // (EIP-234: it must refuse a block it does not have), so by-hash queries are spared.
+            let by_hash = !call["params"][0]["blockHash"].is_null();
+            if !by_hash && every(&self.counters.get_logs, &self.faults.empty_logs_every) {
                 if had_logs {
                     self.counters.emptied.fetch_add(1, Ordering::SeqCst);
                 }

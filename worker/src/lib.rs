@@ -113,7 +113,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     else {
         return Ok(());
     };
-    let sink = JetStreamSink::new(client, &config.nats);
+    let sink = JetStreamSink::new(client, &config.nats).with_publisher(config.worker_id.as_str());
     if retry("create or update the jetstream stream", &shutdown, || sink.ensure_stream(&config.nats.stream))
         .await
         .is_none()

@@ -108,6 +108,8 @@ pub struct JetStreamSink {
     js: jetstream::Context,
     stream_name: String,
     ack_timeout: Duration,
+    /// Sent as `Herald-Worker` on every message, when set.
+    publisher: Option<String>,
 }
 
 impl JetStreamSink {
@@ -115,7 +117,13 @@ impl JetStreamSink {
     pub fn new(client: async_nats::Client, config: &NatsConfig) -> Self {
         let mut js = jetstream::new(client);
         js.set_timeout(config.ack_timeout);
-        Self { js, stream_name: config.stream.name.clone(), ack_timeout: config.ack_timeout }
+        Self { js, stream_name: config.stream.name.clone(), ack_timeout: config.ack_timeout, publisher: None }
+    }
+
+    /// Names `worker_id` as the publisher of every message (the `Herald-Worker` header).
+    pub fn with_publisher(mut self, worker_id: &str) -> Self {
+        self.publisher = Some(worker_id.to_owned());
+        self
     }
 
     /// Creates the stream, or updates it to `config` if it exists.
@@ -171,12 +179,16 @@ impl JetStreamSink {
         if max > 0 && payload.len() > max {
             return Err(PublishError::TooLarge { size: payload.len(), max });
         }
-        Ok(PublishMessage::build()
+        let message = PublishMessage::build()
             .payload(payload)
             .message_id(envelope.msg_id())
             .header(subjects::SUBSCRIPTION_HEADER, envelope.subscription_id.as_str())
             .header(subjects::BLOCK_HEADER, envelope.block_number.to_string().as_str())
-            .header(subjects::REMOVED_HEADER, if envelope.removed { "true" } else { "false" }))
+            .header(subjects::REMOVED_HEADER, if envelope.removed { "true" } else { "false" });
+        Ok(match &self.publisher {
+            Some(worker) => message.header(subjects::WORKER_HEADER, worker.as_str()),
+            None => message,
+        })
     }
 }
 
