@@ -109,11 +109,20 @@ impl TestChain {
     }
 
     /// The transaction of `emit_note(text, payload, values)`.
-    pub fn emit_note_tx(&self, text: &str, payload: &[u8], values: &[u64]) -> anyhow::Result<TransactionRequest> {
+    pub fn emit_note_tx(
+        &self,
+        text: &str,
+        payload: &[u8],
+        values: &[u64],
+    ) -> anyhow::Result<TransactionRequest> {
         let values = values.iter().map(|v| DynSolValue::Uint(U256::from(*v), 256)).collect();
         self.call_tx(
             "emitNote",
-            &[DynSolValue::String(text.into()), DynSolValue::Bytes(payload.to_vec()), DynSolValue::Array(values)],
+            &[
+                DynSolValue::String(text.into()),
+                DynSolValue::Bytes(payload.to_vec()),
+                DynSolValue::Array(values),
+            ],
         )
     }
 
@@ -156,12 +165,21 @@ impl TestChain {
     }
 
     /// Sends a raw JSON-RPC request to the chain (e.g. `evm_setIntervalMining`).
-    pub async fn raw(&self, method: &'static str, params: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    pub async fn raw(
+        &self,
+        method: &'static str,
+        params: serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
         Ok(self.provider.raw_request(method.into(), params).await?)
     }
 
     /// Every log of the contract with topic0 `topic0` in `from..=to`.
-    pub async fn logs(&self, topic0: B256, from: u64, to: u64) -> anyhow::Result<Vec<alloy::rpc::types::Log>> {
+    pub async fn logs(
+        &self,
+        topic0: B256,
+        from: u64,
+        to: u64,
+    ) -> anyhow::Result<Vec<alloy::rpc::types::Log>> {
         let filter = alloy::rpc::types::Filter::new()
             .address(self.contract)
             .event_signature(topic0)

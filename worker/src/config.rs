@@ -77,6 +77,24 @@ pub struct NatsConfig {
     pub tls_ca_file: Option<PathBuf>,
 }
 
+impl NatsConfig {
+    /// The servers of `url`: one URL or several, comma-separated (the client fails over between
+    /// them and learns the rest of a cluster from the one it reaches).
+    pub fn servers(&self) -> Result<Vec<async_nats::ServerAddr>, String> {
+        let servers = self
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse::<async_nats::ServerAddr>().map_err(|e| format!("{s:?}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if servers.is_empty() {
+            return Err("needs at least one server URL".into());
+        }
+        Ok(servers)
+    }
+}
+
 impl Default for NatsConfig {
     fn default() -> Self {
         Self {
@@ -224,9 +242,7 @@ impl Config {
             return Err(invalid("etcd.endpoints", "needs at least one endpoint"));
         }
         self.etcd.validate_credentials().map_err(|e| invalid(e.key, e.message))?;
-        if self.nats.url.trim().is_empty() {
-            return Err(invalid("nats.url", "needs at least one server URL"));
-        }
+        self.nats.servers().map_err(|message| invalid("nats.url", message))?;
         if self.nats.stream.name.is_empty() || self.nats.stream.name.contains(['.', ' ', '*', '>', '/', '\\'])
         {
             return Err(invalid("nats.stream.name", "must be non-empty without '.', ' ', '*', '>', '/'"));
@@ -336,6 +352,17 @@ rpc_urls = ["http://127.0.0.1:8545"]
         assert_eq!(c.nats.stream.name, "HERALD");
         assert_eq!(c.chains[0].max_block_range, 1000);
         assert_eq!(c.chains[0].poll_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn nats_url_takes_a_comma_separated_cluster() {
+        let cluster = "nats://127.0.0.1:4222, nats://127.0.0.1:4223,nats://10.0.0.3:4222";
+        let c = load_str(&format!("{MINIMAL}[nats]\nurl = \"{cluster}\"\nack_timeout = \"2s\"\n")).unwrap();
+        assert_eq!(c.nats.servers().unwrap().len(), 3);
+        let bad = "nats://127.0.0.1:4222,nats://127.0.0.1:port";
+        let err = load_str(&format!("{MINIMAL}[nats]\nurl = \"{bad}\"\nack_timeout = \"2s\"\n")).unwrap_err();
+        assert!(err.to_string().contains("nats.url"), "{err}");
+        assert!(err.to_string().contains("127.0.0.1:port"), "{err}");
     }
 
     #[test]

@@ -106,7 +106,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     nats_options().await?;
     let Some(client) = retry("connect to nats", &shutdown, || async {
         let options = nats_options().await.map_err(|e| async_nats::Error::from(format!("{e:#}")))?;
-        let client = options.connect(config.nats.url.as_str()).await?;
+        let servers = config.nats.servers().map_err(async_nats::Error::from)?;
+        let client = options.connect(servers).await?;
         client.flush().await.map(|()| client).map_err(async_nats::Error::from)
     })
     .await

@@ -25,7 +25,11 @@ async fn main() -> std::process::ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("chaos: the soak could not run: {e:#}");
-            eprintln!("chaos: logs kept in {}; replay with: {}", config.log_dir.display(), config.replay_command());
+            eprintln!(
+                "chaos: logs kept in {}; replay with: {}",
+                config.log_dir.display(),
+                config.replay_command()
+            );
             return std::process::ExitCode::from(2);
         }
     };

@@ -94,7 +94,8 @@ impl Deployment {
             .collect();
         let workers = (0..=BASE_WORKERS)
             .map(|i| {
-                let mut s = WorkerSettings::new(&format!("w{i}"), etcd_urls.clone(), nats_urls.clone(), proxy.url());
+                let mut s =
+                    WorkerSettings::new(&format!("w{i}"), etcd_urls.clone(), nats_urls.clone(), proxy.url());
                 s.lease_ttl_secs = WORKER_LEASE_TTL_SECS;
                 s.stream_replicas = 3;
                 s.request_timeout_ms = 2000;
@@ -174,7 +175,8 @@ impl Deployment {
 
     /// Whether the coordinator on `port` says it leads (`None`: it did not answer in time).
     pub async fn leads(&self, port: u16) -> Option<bool> {
-        let request = self.http.get(format!("http://127.0.0.1:{port}/metrics")).timeout(Duration::from_millis(500));
+        let request =
+            self.http.get(format!("http://127.0.0.1:{port}/metrics")).timeout(Duration::from_millis(500));
         let text = request.send().await.ok()?.text().await.ok()?;
         let line = text.lines().find(|l| l.starts_with("herald_coordinator_is_leader "))?;
         Some(line.ends_with(" 1"))
@@ -216,7 +218,10 @@ impl Deployment {
                     Ok(response) if !response.status().is_server_error() => {
                         let status = response.status().as_u16();
                         let text = response.text().await.unwrap_or_default();
-                        return Some((status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)));
+                        return Some((
+                            status,
+                            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+                        ));
                     }
                     Ok(response) => note(response.status().to_string()),
                     Err(e) => note(e.to_string()),
@@ -239,6 +244,9 @@ impl Deployment {
     /// Every herald log file, for the panic check.
     pub fn log_files(&self) -> Vec<PathBuf> {
         let Ok(entries) = std::fs::read_dir(&self.log_dir) else { return Vec::new() };
-        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "log")).collect()
+        entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect()
     }
 }

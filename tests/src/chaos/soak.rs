@@ -51,7 +51,9 @@ impl ChaosConfig {
         let var = |key: &str| std::env::var(key).ok().filter(|v| !v.trim().is_empty());
         let number = |key: &str, default: u64| -> anyhow::Result<u64> {
             var(key).map_or(Ok(default), |v| {
-                v.trim().parse().map_err(|_| anyhow::anyhow!("{key} must be a non-negative integer, not {v:?}"))
+                v.trim()
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("{key} must be a non-negative integer, not {v:?}"))
             })
         };
         let clock = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -161,7 +163,11 @@ impl Report {
     pub fn table(&self) -> String {
         let mut out = String::from("faults by kind:\n");
         for kind in FaultKind::ALL {
-            out.push_str(&format!("  {:<24} {}\n", kind.name(), self.faults.get(&kind).copied().unwrap_or(0)));
+            out.push_str(&format!(
+                "  {:<24} {}\n",
+                kind.name(),
+                self.faults.get(&kind).copied().unwrap_or(0)
+            ));
         }
         for e in &self.fault_errors {
             out.push_str(&format!("  fault trouble: {e}\n"));
@@ -253,7 +259,11 @@ pub async fn run(config: &ChaosConfig) -> anyhow::Result<Report> {
         max_sequence: AtomicU64::new(0),
     });
     soak.register_catalogue().await?;
-    println!("chaos: {} subscriptions registered; traffic and faults for {:?}", soak.subscriptions().len(), config.duration);
+    println!(
+        "chaos: {} subscriptions registered; traffic and faults for {:?}",
+        soak.subscriptions().len(),
+        config.duration
+    );
 
     let stop = CancellationToken::new();
     let traffic = tokio::spawn(soak.clone().traffic(config.seed ^ 0x7AFF1C, stop.clone()));
@@ -269,7 +279,9 @@ pub async fn run(config: &ChaosConfig) -> anyhow::Result<Report> {
         tasks.push(tokio::spawn(async move {
             let kind = fault.kind;
             match soak.inject(&fault).await {
-                Ok(()) => *soak.executed.lock().unwrap_or_else(|e| e.into_inner()).entry(kind).or_default() += 1,
+                Ok(()) => {
+                    *soak.executed.lock().unwrap_or_else(|e| e.into_inner()).entry(kind).or_default() += 1
+                }
                 Err(e) => soak.trouble(format!("{kind} at {:?}: {e:#}", fault.at)),
             }
         }));
@@ -314,7 +326,8 @@ impl Soak {
                 fields.insert("event".into(), json!(signature));
             }
             1 => {
-                let event = herald_proto::EventDefinition::Signature(signature.into()).parse().expect("valid event");
+                let event =
+                    herald_proto::EventDefinition::Signature(signature.into()).parse().expect("valid event");
                 fields.insert("event".into(), serde_json::to_value(event).expect("an event serialises"));
             }
             _ => {
@@ -352,7 +365,8 @@ impl Soak {
             planned_filter = Some((*position, values.iter().map(|(t, _)| *t).collect()));
         }
         let body = Value::Object(body);
-        let (status, answer) = self.d.api(Method::POST, "/v1/subscriptions", Some(&body), API_TIMEOUT).await?;
+        let (status, answer) =
+            self.d.api(Method::POST, "/v1/subscriptions", Some(&body), API_TIMEOUT).await?;
         anyhow::ensure!(status == 201, "registering {id}: {status} {answer}");
         let planned = Planned {
             id: id.to_owned(),
@@ -376,23 +390,28 @@ impl Soak {
         let from_filter = |values: Vec<u64>| {
             ("from", 1, values.into_iter().map(|k| transfer_party(0x1000, k)).collect::<Vec<_>>())
         };
-        let to_filter =
-            |values: Vec<u64>| ("to", 2, values.into_iter().map(|k| transfer_party(0x2000, k)).collect::<Vec<_>>());
+        let to_filter = |values: Vec<u64>| {
+            ("to", 2, values.into_iter().map(|k| transfer_party(0x2000, k)).collect::<Vec<_>>())
+        };
         let seq_filter = |values: Vec<u64>| {
-            ("seq", 1, values.into_iter().map(|k| (B256::from(U256::from(k)), k.to_string())).collect::<Vec<_>>())
+            (
+                "seq",
+                1,
+                values.into_iter().map(|k| (B256::from(U256::from(k)), k.to_string())).collect::<Vec<_>>(),
+            )
         };
         self.register("a-transfers", 0, false, 0, None, 0, Some(0)).await?;
         self.register("a-notes-c1", 0, true, 1, None, 1, Some(0)).await?;
-        self.register("a-from-c3", 0, false, 2, Some(from_filter(every(7, 300))), 3, Some(0)).await?;
+        self.register("a-from-c3", 0, false, 2, Some(from_filter(every(37, 200))), 3, Some(0)).await?;
         self.register("b-transfers-c1", 1, false, 1, None, 1, None).await?;
         self.register("b-notes-c3", 1, true, 0, None, 3, Some(0)).await?;
-        self.register("b-to", 1, false, 0, Some(to_filter(every(5, 400))), 0, Some(0)).await?;
+        self.register("b-to", 1, false, 0, Some(to_filter(every(53, 200))), 0, Some(0)).await?;
         self.register("c-transfers-c3", 2, false, 2, None, 3, None).await?;
         self.register("c-notes", 2, true, 0, None, 0, None).await?;
         self.register("c-seq-c1", 2, true, 1, Some(seq_filter(every(2, 300))), 1, Some(0)).await?;
         self.register("d-transfers", 3, false, 1, None, 0, Some(0)).await?;
         self.register("d-notes-c1", 3, true, 2, None, 1, None).await?;
-        self.register("d-to-c3", 3, false, 0, Some(to_filter(every(3, 500))), 3, Some(0)).await?;
+        self.register("d-to-c3", 3, false, 0, Some(to_filter(every(29, 250))), 3, Some(0)).await?;
         let latest: Vec<Planned> = self.subscriptions().into_iter().filter(|s| !s.numbered).collect();
         let mut etcd = self.etcd_client().await?;
         for s in &latest {
@@ -479,7 +498,10 @@ impl Soak {
                     && !slot.meant_down
                     && let Some(code) = slot.process.as_mut().and_then(|p| p.try_exit_code())
                 {
-                    eprintln!("chaos: coordinator {} exited by itself ({code:?}); starting it again", slot.settings.port);
+                    eprintln!(
+                        "chaos: coordinator {} exited by itself ({code:?}); starting it again",
+                        slot.settings.port
+                    );
                     let name = format!("coordinator-{}", slot.settings.port);
                     slot.unexpected_exits.push((name, code));
                     slot.process = None;
@@ -507,7 +529,8 @@ impl Soak {
     fn take_subscription(&self, rng: &mut SplitMix64, numbered: bool) -> Option<Planned> {
         let all = self.subscriptions();
         let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        let free: Vec<&Planned> = all.iter().filter(|s| !busy.contains(&s.id) && (s.numbered || !numbered)).collect();
+        let free: Vec<&Planned> =
+            all.iter().filter(|s| !busy.contains(&s.id) && (s.numbered || !numbered)).collect();
         let pick = (*free.get(rng.below(free.len() as u64) as usize)?).clone();
         busy.insert(pick.id.clone());
         Some(pick)
@@ -531,7 +554,9 @@ impl Soak {
                 let mut slot = self.d.workers[i].lock().await;
                 let id = slot.settings.worker_id.clone();
                 slot.meant_down = true;
-                let Some(mut process) = slot.process.take() else { anyhow::bail!("worker slot {i} is not running") };
+                let Some(mut process) = slot.process.take() else {
+                    anyhow::bail!("worker slot {i} is not running")
+                };
                 match fault.kind {
                     FaultKind::WorkerKill => process.kill().await,
                     FaultKind::WorkerTerm => {
@@ -561,7 +586,8 @@ impl Soak {
                 let slot = self.d.workers[i].lock().await;
                 let Some(process) = &slot.process else { anyhow::bail!("worker slot {i} is not running") };
                 process.signal(Signal::SIGSTOP);
-                tokio::time::sleep(Duration::from_secs(WORKER_LEASE_TTL_SECS) + hold(&mut rng, 1000, 3000)).await;
+                tokio::time::sleep(Duration::from_secs(WORKER_LEASE_TTL_SECS) + hold(&mut rng, 1000, 3000))
+                    .await;
                 process.signal(Signal::SIGCONT);
                 Ok(())
             }
@@ -603,8 +629,11 @@ impl Soak {
             FaultKind::EtcdMemberKill | FaultKind::EtcdQuorumLoss => {
                 let mut etcd = self.d.etcd.lock().await;
                 let first = rng.below(3) as usize;
-                let members: Vec<usize> =
-                    if fault.kind == FaultKind::EtcdMemberKill { vec![first] } else { vec![first, (first + 1) % 3] };
+                let members: Vec<usize> = if fault.kind == FaultKind::EtcdMemberKill {
+                    vec![first]
+                } else {
+                    vec![first, (first + 1) % 3]
+                };
                 for &m in &members {
                     etcd.kill(m).await;
                 }
@@ -667,23 +696,30 @@ impl Soak {
                 Ok(())
             }
             FaultKind::PauseResume => {
-                let Some(s) = self.take_subscription(&mut rng, false) else { anyhow::bail!("no free subscription") };
+                let Some(s) = self.take_subscription(&mut rng, false) else {
+                    anyhow::bail!("no free subscription")
+                };
                 let result = self.pause_resume(&s, hold(&mut rng, 2000, 6000)).await;
                 self.release(&s.id);
                 result
             }
             FaultKind::Rewind => {
-                let Some(s) = self.take_subscription(&mut rng, false) else { anyhow::bail!("no free subscription") };
+                let Some(s) = self.take_subscription(&mut rng, false) else {
+                    anyhow::bail!("no free subscription")
+                };
                 let from = self.head().await?.saturating_sub(rng.between(5, 80)).max(s.start);
                 let path = format!("/v1/subscriptions/{}/rewind", s.id);
-                let result = self.d.api(Method::POST, &path, Some(&json!({"from_block": from})), API_TIMEOUT).await;
+                let result =
+                    self.d.api(Method::POST, &path, Some(&json!({"from_block": from})), API_TIMEOUT).await;
                 self.release(&s.id);
                 let (status, body) = result?;
                 anyhow::ensure!((200..300).contains(&status), "rewind of {}: {status} {body}", s.id);
                 Ok(())
             }
             FaultKind::DeleteReregister => {
-                let Some(s) = self.take_subscription(&mut rng, true) else { anyhow::bail!("no free subscription") };
+                let Some(s) = self.take_subscription(&mut rng, true) else {
+                    anyhow::bail!("no free subscription")
+                };
                 let result = self.delete_reregister(&s, hold(&mut rng, 500, 3000)).await;
                 self.release(&s.id);
                 result
@@ -697,7 +733,8 @@ impl Soak {
                 let confirmations = [0, 1, 3][rng.below(3) as usize];
                 let start = self.head().await?.saturating_sub(rng.between(20, 300));
                 let id = format!("hist-{n}");
-                self.register(&id, contract, false, n as usize, Some(filter), confirmations, Some(start)).await?;
+                self.register(&id, contract, false, n as usize, Some(filter), confirmations, Some(start))
+                    .await?;
                 Ok(())
             }
         }
@@ -749,7 +786,8 @@ impl Soak {
         let (status, body) = self.d.api(Method::DELETE, &path, None, API_TIMEOUT).await?;
         anyhow::ensure!((200..300).contains(&status), "delete of {}: {status} {body}", s.id);
         tokio::time::sleep(hold).await;
-        let (status, body) = self.d.api(Method::POST, "/v1/subscriptions", Some(&s.body), API_TIMEOUT).await?;
+        let (status, body) =
+            self.d.api(Method::POST, "/v1/subscriptions", Some(&s.body), API_TIMEOUT).await?;
         anyhow::ensure!(status == 201, "registering {} again: {status} {body}", s.id);
         Ok(())
     }
@@ -798,24 +836,29 @@ impl Soak {
         for s in &subscriptions {
             let id = SubscriptionId::new(&s.id)?;
             let target = head - s.confirmations;
-            let reached = wait_for(&format!("the cursor of {} at {target}", s.id), Duration::from_secs(300), || {
-                let mut etcd = etcd.clone();
-                let key = keys.cursor(&id);
-                async move {
-                    let resp = etcd.get(key, None).await.ok()?;
-                    let cursor: Cursor = serde_json::from_slice(resp.kvs().first()?.value()).ok()?;
-                    (cursor.block_number >= target).then_some(())
-                }
-            })
-            .await;
+            let reached =
+                wait_for(&format!("the cursor of {} at {target}", s.id), Duration::from_secs(300), || {
+                    let mut etcd = etcd.clone();
+                    let key = keys.cursor(&id);
+                    async move {
+                        let resp = etcd.get(key, None).await.ok()?;
+                        let cursor: Cursor = serde_json::from_slice(resp.kvs().first()?.value()).ok()?;
+                        (cursor.block_number >= target).then_some(())
+                    }
+                })
+                .await;
             if let Err(e) = reached {
                 eprintln!("chaos: {e}");
                 behind += 1;
             }
         }
 
-        let nats_urls = self.d.nats.lock().await.urls().join(",");
-        let client = async_nats::connect(nats_urls.as_str()).await?;
+        let nats_servers = self.d.nats.lock().await.urls();
+        let nats_servers = nats_servers
+            .iter()
+            .map(|url| url.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()?;
+        let client = async_nats::connect(nats_servers).await?;
         let js = jetstream::new(client);
         let reorgs = self.reorgs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let pauses = self.pauses.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -827,7 +870,8 @@ impl Soak {
             let id = SubscriptionId::new(&s.id)?;
             let record = etcd.get(keys.subscription(&id), None).await?;
             let registration = record.kvs().first().map_or(0, |kv| kv.create_revision()) as u64;
-            let messages = read_subject(&js, &herald_proto::subjects::default_subject(ANVIL_CHAIN_ID, &id)).await?;
+            let messages =
+                read_subject(&js, &herald_proto::subjects::default_subject(ANVIL_CHAIN_ID, &id)).await?;
             let canonical = self.canonical(s, head - s.confirmations).await?;
             let evidence = Evidence {
                 messages,
@@ -838,11 +882,17 @@ impl Soak {
                 paused: pauses.get(&s.id).cloned().unwrap_or_default(),
                 owners: owners
                     .get(&s.id)
-                    .map(|h| h.iter().filter(|(rev, _)| *rev as u64 >= registration).map(|(_, w)| w.clone()).collect())
+                    .map(|h| {
+                        h.iter()
+                            .filter(|(rev, _)| *rev as u64 >= registration)
+                            .map(|(_, w)| w.clone())
+                            .collect()
+                    })
                     .unwrap_or_default(),
             };
             let (counts, held) = judge(&evidence);
-            let messages = evidence.messages.iter().filter(|m| m.envelope.registration == registration).count();
+            let messages =
+                evidence.messages.iter().filter(|m| m.envelope.registration == registration).count();
             totals.add(&counts);
             canonical_logs += evidence.canonical.len();
             lines.push(SubscriptionLine {
@@ -908,12 +958,10 @@ impl Soak {
         }
         let missing = StdMutex::new(running.clone());
         let listed = wait_for("every running worker listed", Duration::from_secs(60), || async {
-            let (status, body) = self.d.api(Method::GET, "/v1/workers", None, Duration::from_secs(10)).await.ok()?;
-            let listed: BTreeSet<String> = body
-                .as_array()?
-                .iter()
-                .filter_map(|w| w["worker_id"].as_str().map(str::to_owned))
-                .collect();
+            let (status, body) =
+                self.d.api(Method::GET, "/v1/workers", None, Duration::from_secs(10)).await.ok()?;
+            let listed: BTreeSet<String> =
+                body.as_array()?.iter().filter_map(|w| w["worker_id"].as_str().map(str::to_owned)).collect();
             let gone: BTreeSet<String> = running.difference(&listed).cloned().collect();
             let empty = gone.is_empty();
             *missing.lock().unwrap_or_else(|e| e.into_inner()) = gone;
@@ -932,7 +980,9 @@ impl Soak {
 }
 
 /// Every value the owner keys had, per subscription id: (revision, worker), oldest first.
-async fn owner_history(etcd: &mut etcd_client::Client) -> anyhow::Result<BTreeMap<String, Vec<(i64, String)>>> {
+async fn owner_history(
+    etcd: &mut etcd_client::Client,
+) -> anyhow::Result<BTreeMap<String, Vec<(i64, String)>>> {
     let keys = Keyspace::default();
     let prefix = keys.owners_dir();
     let now = etcd.get("herald-chaos-probe", None).await?.header().map_or(0, |h| h.revision());
@@ -981,11 +1031,13 @@ async fn read_subject(js: &jetstream::Context, subject: &str) -> anyhow::Result<
         if pending == 0 {
             break;
         }
-        let mut batch = consumer.fetch().max_messages(2000).expires(Duration::from_secs(3)).messages().await?;
+        let mut batch =
+            consumer.fetch().max_messages(2000).expires(Duration::from_secs(3)).messages().await?;
         let mut got = 0;
         while let Some(message) = batch.next().await {
             let message = message.map_err(|e| anyhow::anyhow!("{e}"))?;
-            let stored_at_ms = message.info().map_or(0, |i| (i.published.unix_timestamp_nanos() / 1_000_000) as u64);
+            let stored_at_ms =
+                message.info().map_or(0, |i| (i.published.unix_timestamp_nanos() / 1_000_000) as u64);
             let publisher = message
                 .headers
                 .as_ref()

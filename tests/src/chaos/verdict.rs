@@ -251,7 +251,8 @@ mod tests {
         retraction.envelope.reorg_generation = 1;
         let mut replacement = message(2, 9, 0, false, "w2");
         replacement.envelope.reorg_generation = 1;
-        let messages = vec![message(1, 1, 0, false, "w1"), message(2, 2, 0, false, "w1"), retraction, replacement];
+        let messages =
+            vec![message(1, 1, 0, false, "w1"), message(2, 2, 0, false, "w1"), retraction, replacement];
         let (counts, held) = judge(&evidence(messages, &[(1, 1, 0), (2, 9, 0)]));
         assert_eq!(counts, Counts::default());
         assert_eq!(held, 2);
@@ -284,12 +285,14 @@ mod tests {
 
     #[test]
     fn an_old_owner_publishing_after_the_new_one_is_stale() {
-        let messages = vec![message(1, 1, 0, false, "w1"), message(2, 2, 0, false, "w2"), message(3, 3, 0, false, "w1")];
+        let messages =
+            vec![message(1, 1, 0, false, "w1"), message(2, 2, 0, false, "w2"), message(3, 3, 0, false, "w1")];
         let (counts, _) = judge(&evidence(messages, &[(1, 1, 0), (2, 2, 0), (3, 3, 0)]));
         assert_eq!(counts.stale, 1);
         let mut owned_again = evidence(vec![], &[]);
         owned_again.owners.push("w1".into());
-        owned_again.messages = vec![message(1, 1, 0, false, "w1"), message(2, 2, 0, false, "w2"), message(3, 3, 0, false, "w1")];
+        owned_again.messages =
+            vec![message(1, 1, 0, false, "w1"), message(2, 2, 0, false, "w2"), message(3, 3, 0, false, "w1")];
         owned_again.canonical = canonical(&[(1, 1, 0), (2, 2, 0), (3, 3, 0)]);
         assert_eq!(judge(&owned_again).0, Counts::default());
     }
@@ -299,7 +302,8 @@ mod tests {
         let messages = vec![message(5, 5, 0, false, "w1"), message(5, 5, 0, true, "w1")];
         let mut e = evidence(messages, &[]);
         e.confirmations = 2;
-        e.reorgs = vec![InjectedReorg { head_before: 8, depth: 2 }, InjectedReorg { head_before: 20, depth: 5 }];
+        e.reorgs =
+            vec![InjectedReorg { head_before: 8, depth: 2 }, InjectedReorg { head_before: 20, depth: 5 }];
         assert_eq!(judge(&e).0.unexplained, 1, "depth 2 is not deeper than 2; the other missed block 5");
         e.reorgs.push(InjectedReorg { head_before: 7, depth: 3 });
         assert_eq!(judge(&e).0.unexplained, 0);
