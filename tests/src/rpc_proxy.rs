@@ -222,12 +222,20 @@ impl Inner {
         }
         if due(&self.faults.drop_every) {
             self.counters.dropped.fetch_add(1, Ordering::SeqCst);
-            // A body shorter than its announced length: the connection is cut mid-answer.
+            // The connection is cut mid-answer: the head announces 4096 bytes, a part of the
+            // body goes out, then the body fails and the server aborts the connection.
+            let cut = futures::stream::iter([
+                Ok(Bytes::from_static(b"{\"jsonrpc\":\"2.0\",\"res")),
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "connection cut by the proxy",
+                )),
+            ]);
             return Some(
                 Response::builder()
                     .header(header::CONTENT_TYPE, "application/json")
                     .header(header::CONTENT_LENGTH, "4096")
-                    .body(axum::body::Body::from("{\"jsonrpc\":\"2.0\",\"res"))
+                    .body(axum::body::Body::from_stream(cut))
                     .unwrap_or_default(),
             );
         }

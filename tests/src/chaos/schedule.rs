@@ -166,7 +166,7 @@ pub fn plan(seed: u64, faults: usize, span: Duration) -> Vec<PlannedFault> {
         .map(|(i, kind)| PlannedFault {
             at: Duration::from_millis(i as u64 * slot + rng.below(slot.max(1))),
             kind,
-            seed: rng.next(),
+            seed: rng.next_u64(),
         })
         .collect()
 }
@@ -177,7 +177,7 @@ pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -187,7 +187,7 @@ impl SplitMix64 {
 
     /// Uniform in `0..n` (0 when `n` is 0).
     pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
+        if n == 0 { 0 } else { self.next_u64() % n }
     }
 
     /// Uniform in `low..=high`.

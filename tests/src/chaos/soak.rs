@@ -200,6 +200,10 @@ struct Planned {
     numbered: bool,
 }
 
+/// An indexed filter as registered: the input's name, its topic position, and the accepted
+/// values (as topics, and as the text the API is given).
+type TopicFilter<'a> = (&'a str, usize, Vec<(B256, String)>);
+
 /// Everything the soak's tasks share.
 struct Soak {
     d: Deployment,
@@ -304,6 +308,11 @@ pub async fn run(config: &ChaosConfig) -> anyhow::Result<Report> {
         report.exits += slot.lock().await.unexpected_exits.len() as u64;
     }
     report.split_brain = soak.split_brain.load(Ordering::SeqCst);
+    // Kept beside the logs, so a failed run can be read after the fact.
+    let _ = std::fs::write(
+        config.log_dir.join("report.txt"),
+        format!("{}canonical logs: {}\n{}\n", report.table(), report.canonical_logs, report.summary()),
+    );
     Ok(report)
 }
 
@@ -347,7 +356,7 @@ impl Soak {
         contract: usize,
         note: bool,
         form: usize,
-        filter: Option<(&str, usize, Vec<(B256, String)>)>,
+        filter: Option<TopicFilter<'_>>,
         confirmations: u64,
         start: Option<u64>,
     ) -> anyhow::Result<Planned> {
