@@ -793,11 +793,39 @@ impl Soak {
     async fn delete_reregister(&self, s: &Planned, hold: Duration) -> anyhow::Result<()> {
         let path = format!("/v1/subscriptions/{}", s.id);
         let (status, body) = self.d.api(Method::DELETE, &path, None, API_TIMEOUT).await?;
-        anyhow::ensure!((200..300).contains(&status), "delete of {}: {status} {body}", s.id);
+        // 404: an earlier attempt whose answer was lost (the API call is retried) deleted it.
+        anyhow::ensure!((200..300).contains(&status) || status == 404, "delete of {}: {status} {body}", s.id);
         tokio::time::sleep(hold).await;
+        self.register_again(s).await
+    }
+
+    /// Registers `s` again as it was first registered; a 409 `already_exists` means an
+    /// earlier attempt whose answer was lost did it.
+    async fn register_again(&self, s: &Planned) -> anyhow::Result<()> {
         let (status, body) =
             self.d.api(Method::POST, "/v1/subscriptions", Some(&s.body), API_TIMEOUT).await?;
-        anyhow::ensure!(status == 201, "registering {} again: {status} {body}", s.id);
+        let done = status == 201 || (status == 409 && body["error"]["code"] == "already_exists");
+        anyhow::ensure!(done, "registering {} again: {status} {body}", s.id);
+        Ok(())
+    }
+
+    /// Before the check: every subscription the soak registered exists and is active, even
+    /// where a pause/resume or delete/re-register fault could not finish under the faults
+    /// around it (each such repair is reported as fault trouble, not as a herald failure).
+    async fn heal_subscriptions(&self) -> anyhow::Result<()> {
+        for s in self.subscriptions() {
+            let path = format!("/v1/subscriptions/{}", s.id);
+            let (status, view) = self.d.api(Method::GET, &path, None, API_TIMEOUT).await?;
+            if status == 404 {
+                self.trouble(format!("{} was missing after the schedule; registered again", s.id));
+                self.register_again(&s).await?;
+            } else if view["state"] == "paused" {
+                self.trouble(format!("{} was still paused after the schedule; resumed", s.id));
+                let path = format!("/v1/subscriptions/{}/resume", s.id);
+                let (status, body) = self.d.api(Method::POST, &path, None, API_TIMEOUT).await?;
+                anyhow::ensure!((200..300).contains(&status), "resume of {}: {status} {body}", s.id);
+            }
+        }
         Ok(())
     }
 
@@ -829,6 +857,7 @@ impl Soak {
         // Everything up: base workers, coordinators, every etcd member and NATS server.
         self.d.etcd.lock().await.wait_writable().await?;
         self.d.nats.lock().await.start_all_again().await?;
+        self.heal_subscriptions().await?;
         // A few empty blocks above the traffic, then a frozen head.
         let chain = &self.d.contracts[0];
         wait_for("blocks above the traffic", Duration::from_secs(60), || async {
