@@ -378,37 +378,14 @@ impl StreamReader {
 
     /// Every message stored on `subject`, in stream order.
     pub async fn read_all(&self, subject: &str) -> anyhow::Result<Vec<EventEnvelope>> {
-        let stream = match self.js.get_stream(STREAM).await {
-            Ok(s) => s,
-            Err(_) => return Ok(Vec::new()),
-        };
-        let consumer: consumer::PullConsumer = stream
-            .create_consumer(consumer::pull::Config {
-                filter_subject: subject.to_owned(),
-                deliver_policy: consumer::DeliverPolicy::All,
-                ack_policy: consumer::AckPolicy::None,
-                inactive_threshold: Duration::from_secs(30),
-                ..Default::default()
-            })
-            .await?;
-        let mut out = Vec::new();
-        loop {
-            let pending = consumer.clone().info().await?.num_pending;
-            if pending == 0 {
-                break;
-            }
-            let mut batch =
-                consumer.fetch().max_messages(1000).expires(Duration::from_secs(2)).messages().await?;
-            let mut got = 0;
-            while let Some(message) = futures::StreamExt::next(&mut batch).await {
-                let message = message.map_err(|e| anyhow::anyhow!("{e}"))?;
-                out.push(serde_json::from_slice(&message.payload)?);
-                got += 1;
-            }
-            anyhow::ensure!(got > 0, "consumer reported {pending} pending but delivered none");
+        if self.js.get_stream(STREAM).await.is_err() {
+            return Ok(Vec::new());
         }
-        let _ = stream.delete_consumer(consumer.cached_info().name.as_str()).await;
-        Ok(out)
+        read_stored(&self.js, subject)
+            .await?
+            .iter()
+            .map(|message| Ok(serde_json::from_slice(&message.payload)?))
+            .collect()
     }
 
     /// Waits until `subject` holds at least `count` messages, then returns all of them.
@@ -592,4 +569,36 @@ impl CoordinatorProcess {
         let text = response.text().await?;
         Ok((status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)))
     }
+}
+
+/// Every message the stream holds on `subject`, in stream order, as a consumer reads them
+/// (an ephemeral pull consumer from the first message, deleted afterwards).
+pub async fn read_stored(js: &jetstream::Context, subject: &str) -> anyhow::Result<Vec<jetstream::Message>> {
+    let stream = js.get_stream(STREAM).await?;
+    let consumer: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            filter_subject: subject.to_owned(),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ack_policy: consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(60),
+            ..Default::default()
+        })
+        .await?;
+    let mut out = Vec::new();
+    loop {
+        let pending = consumer.clone().info().await?.num_pending;
+        if pending == 0 {
+            break;
+        }
+        let mut batch =
+            consumer.fetch().max_messages(2000).expires(Duration::from_secs(3)).messages().await?;
+        let mut got = 0;
+        while let Some(message) = futures::StreamExt::next(&mut batch).await {
+            out.push(message.map_err(|e| anyhow::anyhow!("{e}"))?);
+            got += 1;
+        }
+        anyhow::ensure!(got > 0, "the consumer of {subject} reported {pending} pending but delivered none");
+    }
+    let _ = stream.delete_consumer(consumer.cached_info().name.as_str()).await;
+    Ok(out)
 }

@@ -14,9 +14,8 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use alloy_primitives::{Address, B256, U256, keccak256};
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use etcd_client::WatchOptions;
-use futures::StreamExt;
 use herald_proto::{Cursor, EventEnvelope, Keyspace, SubscriptionId};
 use nix::sys::signal::Signal;
 use reqwest::Method;
@@ -28,7 +27,6 @@ use super::deployment::{BASE_WORKERS, Deployment, WORKER_LEASE_TTL_SECS};
 use super::schedule::{FaultKind, PlannedFault, SplitMix64, plan};
 use super::verdict::{CanonicalLog, Counts, Delivered, Evidence, InjectedReorg, judge};
 use crate::chain::{NOTE_EVENT, TRANSFER_EVENT};
-use crate::herald::STREAM;
 use crate::services::ANVIL_CHAIN_ID;
 use crate::wait_for;
 
@@ -1053,27 +1051,10 @@ async fn owner_history(
 /// Every message on `subject`, as a consumer reads it: the envelope, when the stream stored
 /// it, and which worker published it.
 async fn read_subject(js: &jetstream::Context, subject: &str) -> anyhow::Result<Vec<Delivered>> {
-    let stream = js.get_stream(STREAM).await?;
-    let consumer: consumer::PullConsumer = stream
-        .create_consumer(consumer::pull::Config {
-            filter_subject: subject.to_owned(),
-            deliver_policy: consumer::DeliverPolicy::All,
-            ack_policy: consumer::AckPolicy::None,
-            inactive_threshold: Duration::from_secs(60),
-            ..Default::default()
-        })
-        .await?;
-    let mut out = Vec::new();
-    loop {
-        let pending = consumer.clone().info().await?.num_pending;
-        if pending == 0 {
-            break;
-        }
-        let mut batch =
-            consumer.fetch().max_messages(2000).expires(Duration::from_secs(3)).messages().await?;
-        let mut got = 0;
-        while let Some(message) = batch.next().await {
-            let message = message.map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::herald::read_stored(js, subject)
+        .await?
+        .iter()
+        .map(|message| {
             let stored_at_ms =
                 message.info().map_or(0, |i| (i.published.unix_timestamp_nanos() / 1_000_000) as u64);
             let publisher = message
@@ -1082,11 +1063,7 @@ async fn read_subject(js: &jetstream::Context, subject: &str) -> anyhow::Result<
                 .and_then(|h| h.get(herald_proto::subjects::WORKER_HEADER))
                 .map(|v| v.as_str().to_owned());
             let envelope: EventEnvelope = serde_json::from_slice(&message.payload)?;
-            out.push(Delivered { envelope, stored_at_ms, publisher });
-            got += 1;
-        }
-        anyhow::ensure!(got > 0, "the consumer of {subject} reported {pending} pending but delivered none");
-    }
-    let _ = stream.delete_consumer(consumer.cached_info().name.as_str()).await;
-    Ok(out)
+            Ok(Delivered { envelope, stored_at_ms, publisher })
+        })
+        .collect()
 }
