@@ -20,7 +20,7 @@ use herald_proto::{SubscriptionId, SubscriptionState, WorkerId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::election::Leadership;
+use crate::election::{LeaderFence, Leadership};
 use crate::metrics::Metrics;
 use crate::planner::{self, Subscription, Worker};
 use crate::registry::{Registry, RegistryError};
@@ -51,6 +51,7 @@ pub struct Round {
 pub async fn reconcile_once(
     registry: &Registry,
     metrics: &Metrics,
+    fence: &LeaderFence,
     pending: &mut BTreeMap<SubscriptionId, WorkerId>,
 ) -> Result<Round, RegistryError> {
     let started = std::time::Instant::now();
@@ -84,7 +85,7 @@ pub async fn reconcile_once(
 
     let mut round = Round::default();
     for (id, worker) in &assignments {
-        if desired.get(id) != Some(worker) && registry.revoke(id, worker).await? {
+        if desired.get(id) != Some(worker) && registry.revoke(id, worker, fence).await? {
             round.revoked += 1;
         }
     }
@@ -93,7 +94,7 @@ pub async fn reconcile_once(
             continue;
         }
         let Some(live) = workers.iter().find(|w| &w.info.worker_id == worker) else { continue };
-        if registry.assign(id, live).await? {
+        if registry.assign(id, live, fence).await? {
             round.assigned += 1;
             pending.remove(id);
         } else {
@@ -122,7 +123,7 @@ pub struct Reconciler {
 }
 
 impl Leadership for Reconciler {
-    async fn lead(&self, cancel: CancellationToken) {
+    async fn lead(&self, fence: LeaderFence, cancel: CancellationToken) {
         let (tx, mut rx) = mpsc::channel::<()>(1);
         let keys = self.registry.keys().clone();
         for dir in [keys.workers_dir(), keys.subscriptions_dir(), keys.assignments_dir(), keys.owners_dir()] {
@@ -131,7 +132,7 @@ impl Leadership for Reconciler {
         drop(tx);
         let mut pending = BTreeMap::new();
         loop {
-            if let Err(e) = reconcile_once(&self.registry, &self.metrics, &mut pending).await {
+            if let Err(e) = reconcile_once(&self.registry, &self.metrics, &fence, &mut pending).await {
                 tracing::warn!(error = %e, "reconcile round failed; retrying at the next change or resync");
             }
             // Wait for a change (or the resync), then for quiet.

@@ -14,6 +14,8 @@ use herald_proto::{
     Assignment, Cursor, Key, Keyspace, SubscriptionId, SubscriptionRecord, WorkerId, WorkerInfo,
 };
 
+use crate::election::LeaderFence;
+
 /// A failed registry operation.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -299,12 +301,18 @@ impl Registry {
         Ok((resp.ttl() > 0).then(|| resp.granted_ttl() - resp.ttl()))
     }
 
-    /// Removes the assignment of `id` if it still names `worker`. Returns whether it did.
-    pub async fn revoke(&self, id: &SubscriptionId, worker: &WorkerId) -> Result<bool, RegistryError> {
+    /// Removes the assignment of `id` if it still names `worker` and `fence`'s term of
+    /// leadership still holds. Returns whether it did.
+    pub async fn revoke(
+        &self,
+        id: &SubscriptionId,
+        worker: &WorkerId,
+        fence: &LeaderFence,
+    ) -> Result<bool, RegistryError> {
         let key = self.keys.assignment(id);
         let value = serde_json::to_vec(&Assignment { worker_id: worker.clone() }).expect("serialises");
         let txn = Txn::new()
-            .when([Compare::value(key.as_str(), CompareOp::Equal, value)])
+            .when([Compare::value(key.as_str(), CompareOp::Equal, value), fence.compare()])
             .and_then([TxnOp::delete(key.as_str(), None)]);
         Ok(self.client.clone().txn(txn).await?.succeeded())
     }
@@ -347,7 +355,12 @@ impl Registry {
     ///
     /// The previous owner must have released the subscription (its owner key is gone: its task
     /// ended, or its lease expired), unless the owner key already names this worker.
-    pub async fn assign(&self, id: &SubscriptionId, worker: &LiveWorker) -> Result<bool, RegistryError> {
+    pub async fn assign(
+        &self,
+        id: &SubscriptionId,
+        worker: &LiveWorker,
+        fence: &LeaderFence,
+    ) -> Result<bool, RegistryError> {
         let key = self.keys.assignment(id);
         let owner = self.keys.owner(id);
         let value =
@@ -366,6 +379,7 @@ impl Registry {
                 Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
                 Compare::create_revision(self.keys.subscription(id), CompareOp::Greater, 0),
                 owner_guard,
+                fence.compare(),
             ])
             .and_then([TxnOp::put(key.as_str(), value, Some(PutOptions::new().with_lease(worker.lease)))]);
         Ok(client.txn(txn).await?.succeeded())

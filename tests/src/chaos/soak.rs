@@ -521,7 +521,12 @@ impl Soak {
             let (a, b) = tokio::join!(self.d.leads(ports[0]), self.d.leads(ports[1]));
             let both = a == Some(true) && b == Some(true);
             if both && both_before {
-                eprintln!("chaos: both coordinators say they lead");
+                let at = now_ms();
+                eprintln!(
+                    "chaos: both coordinators say they lead (Unix time {}.{:03} s)",
+                    at / 1000,
+                    at % 1000
+                );
                 self.split_brain.fetch_add(1, Ordering::SeqCst);
             }
             both_before = both;
