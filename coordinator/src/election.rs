@@ -99,9 +99,11 @@ pub async fn run<L: Leadership>(
                     _ = lost.cancelled() => tracing::warn!("leader lease lost; stepping down"),
                     _ = shutdown.cancelled() => {}
                 }
+                // No longer the leader from this moment, even while the work winds down (its
+                // writes are fenced by then anyway).
+                metrics.is_leader.set(0);
                 leading.cancel();
                 let _ = task.await;
-                metrics.is_leader.set(0);
                 metrics.subscription_state.reset();
                 let _ = c.resign(Some(ResignOptions::new().with_leader(leader_key))).await;
             }

@@ -132,7 +132,14 @@ impl Leadership for Reconciler {
         drop(tx);
         let mut pending = BTreeMap::new();
         loop {
-            if let Err(e) = reconcile_once(&self.registry, &self.metrics, &fence, &mut pending).await {
+            // A round ends with the term: it is dropped mid-way rather than awaited (an etcd
+            // call may hang for its whole timeout), which is safe since each write is one
+            // fenced transaction.
+            let round = tokio::select! {
+                _ = cancel.cancelled() => return,
+                round = reconcile_once(&self.registry, &self.metrics, &fence, &mut pending) => round,
+            };
+            if let Err(e) = round {
                 tracing::warn!(error = %e, "reconcile round failed; retrying at the next change or resync");
             }
             // Wait for a change (or the resync), then for quiet.
