@@ -719,14 +719,9 @@ impl Soak {
                 let Some(s) = self.take_subscription(&mut rng, false) else {
                     anyhow::bail!("no free subscription")
                 };
-                let from = self.head().await?.saturating_sub(rng.between(5, 80)).max(s.start);
-                let path = format!("/v1/subscriptions/{}/rewind", s.id);
-                let result =
-                    self.d.api(Method::POST, &path, Some(&json!({"from_block": from})), API_TIMEOUT).await;
+                let result = self.rewind(&s, &mut rng).await;
                 self.release(&s.id);
-                let (status, body) = result?;
-                anyhow::ensure!((200..300).contains(&status), "rewind of {}: {status} {body}", s.id);
-                Ok(())
+                result
             }
             FaultKind::DeleteReregister => {
                 let Some(s) = self.take_subscription(&mut rng, true) else {
@@ -790,6 +785,24 @@ impl Soak {
         let path = format!("/v1/subscriptions/{}/resume", s.id);
         let (status, body) = self.d.api(Method::POST, &path, None, API_TIMEOUT).await?;
         anyhow::ensure!((200..300).contains(&status), "resume of {}: {status} {body}", s.id);
+        Ok(())
+    }
+
+    /// Rewinds `s` a few to 80 blocks back, never past its own progress (a rewind only goes
+    /// back, and a subscription with confirmations, or one catching up after a fault, is
+    /// behind the head).
+    async fn rewind(&self, s: &Planned, rng: &mut SplitMix64) -> anyhow::Result<()> {
+        let mut from = self.head().await?.saturating_sub(rng.between(5, 80));
+        let (_, view) =
+            self.d.api(Method::GET, &format!("/v1/subscriptions/{}", s.id), None, API_TIMEOUT).await?;
+        if let Some(cursor) = view["cursor_block"].as_u64() {
+            from = from.min(cursor + 1);
+        }
+        let from = from.max(s.start);
+        let path = format!("/v1/subscriptions/{}/rewind", s.id);
+        let (status, body) =
+            self.d.api(Method::POST, &path, Some(&json!({"from_block": from})), API_TIMEOUT).await?;
+        anyhow::ensure!((200..300).contains(&status), "rewind of {}: {status} {body}", s.id);
         Ok(())
     }
 
