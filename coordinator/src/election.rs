@@ -80,10 +80,11 @@ pub async fn run<L: Leadership>(
         };
         if let Some(leader_key) = elected {
             // Leadership counts once the lease has been renewed after winning.
+            let mut stream = None;
             let confirmed = tokio::select! {
                 _ = lost.cancelled() => false,
                 _ = shutdown.cancelled() => false,
-                ok = renew_once(&client, lease) => ok,
+                renewal = renew(&client, lease, &mut stream) => matches!(renewal, Renewal::Renewed),
             };
             if confirmed {
                 tracing::info!(identity, "elected leader");
@@ -111,16 +112,6 @@ pub async fn run<L: Leadership>(
         lost.cancel();
         let _ = keeper.await;
         let _ = c.lease_revoke(lease).await;
-    }
-}
-
-async fn renew_once(client: &Client, lease: i64) -> bool {
-    let mut c = client.clone();
-    match c.lease_keep_alive(lease).await {
-        Ok((mut keeper, mut stream)) => {
-            keeper.keep_alive().await.is_ok() && matches!(stream.message().await, Ok(Some(r)) if r.ttl() > 0)
-        }
-        Err(_) => false,
     }
 }
 

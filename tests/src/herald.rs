@@ -378,10 +378,8 @@ impl StreamReader {
 
     /// Every message stored on `subject`, in stream order.
     pub async fn read_all(&self, subject: &str) -> anyhow::Result<Vec<EventEnvelope>> {
-        if self.js.get_stream(STREAM).await.is_err() {
-            return Ok(Vec::new());
-        }
-        read_stored(&self.js, subject)
+        let Ok(stream) = self.js.get_stream(STREAM).await else { return Ok(Vec::new()) };
+        read_stored(&stream, subject)
             .await?
             .iter()
             .map(|message| Ok(serde_json::from_slice(&message.payload)?))
@@ -571,10 +569,12 @@ impl CoordinatorProcess {
     }
 }
 
-/// Every message the stream holds on `subject`, in stream order, as a consumer reads them
+/// Every message `stream` holds on `subject`, in stream order, as a consumer reads them
 /// (an ephemeral pull consumer from the first message, deleted afterwards).
-pub async fn read_stored(js: &jetstream::Context, subject: &str) -> anyhow::Result<Vec<jetstream::Message>> {
-    let stream = js.get_stream(STREAM).await?;
+pub async fn read_stored(
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+) -> anyhow::Result<Vec<jetstream::Message>> {
     let consumer: consumer::PullConsumer = stream
         .create_consumer(consumer::pull::Config {
             filter_subject: subject.to_owned(),

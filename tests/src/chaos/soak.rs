@@ -769,9 +769,7 @@ impl Soak {
     }
 
     async fn pause_resume(&self, s: &Planned, hold: Duration) -> anyhow::Result<()> {
-        let path = format!("/v1/subscriptions/{}/pause", s.id);
-        let (status, body) = self.d.api(Method::POST, &path, None, API_TIMEOUT).await?;
-        anyhow::ensure!((200..300).contains(&status), "pause of {}: {status} {body}", s.id);
+        self.control(&s.id, "pause", None).await?;
         let paused_at = now_ms();
         tokio::time::sleep(hold).await;
         let resumed_at = now_ms();
@@ -782,9 +780,14 @@ impl Soak {
             let mut pauses = self.pauses.lock().unwrap_or_else(|e| e.into_inner());
             pauses.entry(s.id.clone()).or_default().push((paused_at + grace, resumed_at));
         }
-        let path = format!("/v1/subscriptions/{}/resume", s.id);
-        let (status, body) = self.d.api(Method::POST, &path, None, API_TIMEOUT).await?;
-        anyhow::ensure!((200..300).contains(&status), "resume of {}: {status} {body}", s.id);
+        self.control(&s.id, "resume", None).await
+    }
+
+    /// `POST /v1/subscriptions/<id>/<action>`, which must succeed.
+    async fn control(&self, id: &str, action: &str, body: Option<&Value>) -> anyhow::Result<()> {
+        let path = format!("/v1/subscriptions/{id}/{action}");
+        let (status, answer) = self.d.api(Method::POST, &path, body, API_TIMEOUT).await?;
+        anyhow::ensure!((200..300).contains(&status), "{action} of {id}: {status} {answer}");
         Ok(())
     }
 
@@ -798,12 +801,7 @@ impl Soak {
         if let Some(cursor) = view["cursor_block"].as_u64() {
             from = from.min(cursor + 1);
         }
-        let from = from.max(s.start);
-        let path = format!("/v1/subscriptions/{}/rewind", s.id);
-        let (status, body) =
-            self.d.api(Method::POST, &path, Some(&json!({"from_block": from})), API_TIMEOUT).await?;
-        anyhow::ensure!((200..300).contains(&status), "rewind of {}: {status} {body}", s.id);
-        Ok(())
+        self.control(&s.id, "rewind", Some(&json!({"from_block": from.max(s.start)}))).await
     }
 
     async fn delete_reregister(&self, s: &Planned, hold: Duration) -> anyhow::Result<()> {
@@ -837,9 +835,7 @@ impl Soak {
                 self.register_again(&s).await?;
             } else if view["state"] == "paused" {
                 self.trouble(format!("{} was still paused after the schedule; resumed", s.id));
-                let path = format!("/v1/subscriptions/{}/resume", s.id);
-                let (status, body) = self.d.api(Method::POST, &path, None, API_TIMEOUT).await?;
-                anyhow::ensure!((200..300).contains(&status), "resume of {}: {status} {body}", s.id);
+                self.control(&s.id, "resume", None).await?;
             }
         }
         Ok(())
@@ -913,7 +909,7 @@ impl Soak {
             .map(|url| url.parse::<async_nats::ServerAddr>())
             .collect::<Result<Vec<_>, _>>()?;
         let client = async_nats::connect(nats_servers).await?;
-        let js = jetstream::new(client);
+        let stream = jetstream::new(client).get_stream(crate::herald::STREAM).await?;
         let reorgs = self.reorgs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let pauses = self.pauses.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let owners = owner_history(&mut etcd).await?;
@@ -925,7 +921,7 @@ impl Soak {
             let record = etcd.get(keys.subscription(&id), None).await?;
             let registration = record.kvs().first().map_or(0, |kv| kv.create_revision()) as u64;
             let messages =
-                read_subject(&js, &herald_proto::subjects::default_subject(ANVIL_CHAIN_ID, &id)).await?;
+                read_subject(&stream, &herald_proto::subjects::default_subject(ANVIL_CHAIN_ID, &id)).await?;
             let canonical = self.canonical(s, head - s.confirmations).await?;
             let evidence = Evidence {
                 messages,
@@ -1068,8 +1064,8 @@ async fn owner_history(
 
 /// Every message on `subject`, as a consumer reads it: the envelope, when the stream stored
 /// it, and which worker published it.
-async fn read_subject(js: &jetstream::Context, subject: &str) -> anyhow::Result<Vec<Delivered>> {
-    crate::herald::read_stored(js, subject)
+async fn read_subject(stream: &jetstream::stream::Stream, subject: &str) -> anyhow::Result<Vec<Delivered>> {
+    crate::herald::read_stored(stream, subject)
         .await?
         .iter()
         .map(|message| {
