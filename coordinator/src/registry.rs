@@ -317,11 +317,17 @@ impl Registry {
         Ok(self.client.clone().txn(txn).await?.succeeded())
     }
 
-    /// Asks a live worker to drain and exit: a key bound to the lease of the worker's current
-    /// registration (its value names that lease, in hex as `etcdctl` prints it), written only
-    /// while the registration key still has that lease. The request is gone with that lease,
-    /// and the worker obeys only a request bound to a lease of its own, so it never reaches a
-    /// later process with the same worker id. Returns whether the worker is live.
+    /// Asks a live worker to drain and exit: a key naming the lease of the worker's current
+    /// registration (in hex, as `etcdctl` prints it), written only while the registration key
+    /// still has that lease. The worker obeys only a request naming a lease it registered with,
+    /// so it never reaches a later process with the same worker id.
+    ///
+    /// The key is deliberately *not* bound to that lease: a worker that loses its lease right
+    /// after the request (an etcd blip, a pause) registers again under a new one, and a key
+    /// bound to the old lease would vanish with it before the worker saw it. The request was
+    /// answered 202; it must still reach the process. The worker deletes it when it ends (and
+    /// a later process with the id deletes one it finds that is not its own). Returns whether
+    /// the worker is live.
     pub async fn request_drain(&self, worker: &WorkerId) -> Result<bool, RegistryError> {
         let registration = self.keys.worker(worker);
         let mut client = self.client.clone();
@@ -333,11 +339,7 @@ impl Registry {
             };
             let txn = Txn::new()
                 .when([Compare::lease(registration.as_str(), CompareOp::Equal, lease)])
-                .and_then([TxnOp::put(
-                    self.keys.drain(worker),
-                    format!("{lease:x}"),
-                    Some(PutOptions::new().with_lease(lease)),
-                )]);
+                .and_then([TxnOp::put(self.keys.drain(worker), format!("{lease:x}"), None)]);
             if client.txn(txn).await?.succeeded() {
                 return Ok(true);
             }

@@ -11,7 +11,7 @@
 //! | `<prefix>/cursors/<id>`               | `Cursor`               | owning worker (fenced)|
 //! | `<prefix>/coordinator/leader`         | leader identity        | coordinator election  |
 //! | `<prefix>/fingerprints/<hex>`         | subscription id        | coordinator (API)     |
-//! | `<prefix>/drains/<worker_id>`         | lease id, that lease   | coordinator (API)     |
+//! | `<prefix>/drains/<worker_id>`         | lease id (hex), no lease | coordinator (API)   |
 //! | `<prefix>/owners/<id>`                | worker id, its lease   | the running worker    |
 //!
 //! A fingerprint key makes "the same chain + address + event + filters registered twice"
@@ -146,8 +146,9 @@ impl Keyspace {
     pub fn owners_dir(&self) -> String {
         self.dir(OWNERS)
     }
-    /// `<prefix>/drains/<worker_id>`: a request that the worker drain and exit, bound to (and
-    /// naming, in hex) the lease of the registration it is meant for.
+    /// `<prefix>/drains/<worker_id>`: a request that the worker drain and exit, naming (in
+    /// hex) the lease of the registration it is meant for. Not bound to that lease: it must
+    /// survive the worker losing the lease and registering again.
     pub fn drain(&self, id: &WorkerId) -> String {
         format!("{}{id}", self.dir(DRAINS))
     }

@@ -532,3 +532,60 @@ async fn a_drain_request_never_reaches_a_later_process_with_the_same_worker_id()
     assert_eq!(status, 404);
     Ok(())
 }
+
+/// Found by `make chaos`: a drain answered 202 that never happened. The request was bound to
+/// the lease of the worker's registration; the worker lost that lease (here: paused past its
+/// TTL, its etcd connections gone meanwhile; in the soak, an etcd quorum loss), registered
+/// again under a new one, and the request had vanished with the old lease before the worker
+/// read it. A drain request names the lease but outlives it: the process that held the lease
+/// still obeys it, and deletes it when it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_request_survives_the_worker_losing_its_lease() -> anyhow::Result<()> {
+    use herald_proto::{Keyspace, WorkerId};
+    use herald_tests::tcp_proxy::TcpProxy;
+    use nix::sys::signal::Signal;
+    init_tracing();
+    let stack = Stack::start().await?;
+    let c =
+        CoordinatorProcess::start(CoordinatorSettings::new(stack.etcd.endpoint(), stack.anvil.url())).await?;
+    let proxy = TcpProxy::start(stack.etcd.endpoint().trim_start_matches("http://")).await?;
+    let mut settings = stack.worker_settings("worker-x");
+    settings.lease_ttl_secs = 3;
+    settings.etcd = proxy.url("http");
+    let mut x = WorkerProcess::start(settings)?;
+    let mut etcd = stack.etcd.client().await?;
+    let keys = Keyspace::default();
+    let worker = WorkerId::new("worker-x")?;
+    let registered_lease = |etcd: &etcd_client::Client| {
+        let (mut etcd, key) = (etcd.clone(), keys.worker(&worker));
+        async move { etcd.get(key, None).await.ok()?.kvs().first().map(|kv| kv.lease()) }
+    };
+    let first = wait_for("worker-x to register", TIMEOUT, || registered_lease(&etcd)).await?;
+    // Wait for the drain watch to be in place (it logs nothing): a listed worker has one.
+    wait_for("worker-x listed", TIMEOUT, || async {
+        let (status, body) = c.get("/v1/workers").await.ok()?;
+        (status == 200 && body.to_string().contains("worker-x")).then_some(())
+    })
+    .await?;
+
+    // Paused with its etcd connections gone; asked to drain before its lease runs out.
+    x.signal(Signal::SIGSTOP);
+    proxy.cut_open_connections();
+    let (status, answer) = c.post("/v1/workers/worker-x/drain", &json!({})).await?;
+    assert_eq!((status, answer["draining"].as_bool()), (202, Some(true)), "{answer}");
+    // Its lease expires while it sleeps.
+    wait_for("worker-x's first lease to expire", TIMEOUT, || async {
+        (registered_lease(&etcd).await != Some(first)).then_some(())
+    })
+    .await?;
+    x.signal(Signal::SIGCONT);
+
+    // It wakes up, registers again, and still drains as asked.
+    let exit = tokio::time::timeout(TIMEOUT, x.wait_exit()).await;
+    let log = x.log();
+    assert_eq!(exit.ok().flatten(), Some(0), "worker-x did not drain\n{}", x.log_tail());
+    assert!(log.contains("drain requested through the admin API"), "{log}");
+    let drain_key = keys.drain(&worker);
+    assert_eq!(etcd.get(drain_key.as_str(), None).await?.count(), 0, "the drain request outlived worker-x");
+    Ok(())
+}

@@ -195,12 +195,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-/// Turns a drain request (`POST /v1/workers/{id}/drain` writes `<prefix>/drains/<id>` under
+/// Turns a drain request (`POST /v1/workers/{id}/drain` writes `<prefix>/drains/<id>`, naming
 /// the lease of the worker's registration) into the same graceful shutdown as SIGTERM.
 ///
-/// Only a request bound to a lease this process registered with is for it: one bound to
-/// another lease was left for an earlier process with the same worker id (whose lease etcd may
-/// still keep), and is ignored.
+/// Only a request naming a lease this process registered with is for it (whichever of its
+/// registrations: it may have lost that lease and registered again since). One naming another
+/// lease was left for an earlier process with this worker id: it is ignored and deleted.
 async fn watch_drain_request(
     store: store::EtcdStore,
     worker: herald_proto::WorkerId,
@@ -208,30 +208,49 @@ async fn watch_drain_request(
     shutdown: CancellationToken,
 ) {
     let key = store.keys().drain(&worker);
-    let for_us = |kv: &etcd_client::KeyValue| {
-        let ours = lease.is_own(kv.lease());
-        if !ours {
-            tracing::info!(
-                lease = kv.lease(),
-                "ignoring a drain request bound to a lease this process never held (left for an earlier process with this worker id)"
-            );
-        }
-        ours
-    };
     while !shutdown.is_cancelled() {
         let mut client = store.client();
         let requested = async {
             let existing = client.get(key.as_str(), None).await?;
-            if existing.kvs().iter().any(for_us) {
-                return Ok::<bool, etcd_client::Error>(true);
+            let mut stale = None;
+            for kv in existing.kvs() {
+                if lease.is_own(membership::drain_request_lease(kv.value())) {
+                    return Ok::<bool, etcd_client::Error>(true);
+                }
+                stale = Some(kv.mod_revision());
+            }
+            if let Some(revision) = stale {
+                tracing::info!(
+                    "ignoring a drain request naming a lease this process never held (left for an earlier process with this worker id); deleting it"
+                );
+                let txn = etcd_client::Txn::new()
+                    .when([etcd_client::Compare::mod_revision(
+                        key.as_str(),
+                        etcd_client::CompareOp::Equal,
+                        revision,
+                    )])
+                    .and_then([etcd_client::TxnOp::delete(key.as_str(), None)]);
+                client.txn(txn).await?;
             }
             let options = etcd_client::WatchOptions::new()
                 .with_start_revision(existing.header().map_or(0, |h| h.revision()) + 1);
             let mut watch = client.watch(key.as_str(), Some(options)).await?;
             while let Some(response) = watch.message().await? {
                 let put = |e: &&etcd_client::Event| e.event_type() == etcd_client::EventType::Put;
-                if response.events().iter().filter(put).filter_map(etcd_client::Event::kv).any(for_us) {
-                    return Ok(true);
+                let named = response
+                    .events()
+                    .iter()
+                    .filter(put)
+                    .filter_map(etcd_client::Event::kv)
+                    .map(|kv| membership::drain_request_lease(kv.value()));
+                for named in named {
+                    if lease.is_own(named) {
+                        return Ok(true);
+                    }
+                    tracing::info!(
+                        lease = named,
+                        "ignoring a drain request naming a lease this process never held"
+                    );
                 }
             }
             Ok(false)

@@ -27,10 +27,10 @@
 //! after a fresh listing, under the new lease.
 //!
 //! **Leaving** (shutdown, after the supervisor joined every task): the lease is revoked, and a
-//! drain request left under `<prefix>/drains/<worker_id>` is deleted unless another process
-//! registered with this worker id meanwhile. A drain request is honoured only when it is bound
-//! to a lease this process registered with ([`LeaseClock::is_own`]), never one left for an
-//! earlier process with the same id.
+//! drain request under `<prefix>/drains/<worker_id>` naming one of this process's leases is
+//! deleted. A drain request is honoured only when it names a lease this process registered
+//! with ([`LeaseClock::is_own`]), never one left for an earlier process with the same id; it
+//! is not bound to that lease, so losing the lease and registering again does not lose it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -258,6 +258,12 @@ impl LeaseClock {
     }
 }
 
+/// The lease a drain request names (its value, in hex); 0, which no registration has, when
+/// the value is not a lease id.
+pub fn drain_request_lease(value: &[u8]) -> i64 {
+    std::str::from_utf8(value).ok().and_then(|v| i64::from_str_radix(v.trim(), 16).ok()).unwrap_or(0)
+}
+
 /// Keeps this worker registered until cancelled, then revokes the lease.
 pub struct Membership {
     /// etcd.
@@ -387,21 +393,27 @@ impl Membership {
         }
     }
 
-    /// Deletes the drain request for this worker id, if no process is registered with the id
-    /// any more (this one revoked its lease): whatever lease it is bound to, it is spent or
-    /// was left for an earlier process.
+    /// Deletes the drain request for this worker id if it names a lease this process held
+    /// (one naming another lease is for another process and stays).
     async fn forget_drain_request(&self) {
-        let keys = self.store.keys();
-        let registered = keys.worker(&self.info.worker_id);
-        let txn = Txn::new()
-            .when([Compare::create_revision(registered.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::delete(keys.drain(&self.info.worker_id), None)]);
-        match self.store.client().txn(txn).await {
-            Ok(r) if r.succeeded() => {}
-            Ok(_) => {
-                tracing::info!("another process registered with this worker id; leaving its drain request")
+        let key = self.store.keys().drain(&self.info.worker_id);
+        let mut client = self.store.client();
+        let found = match client.get(key.as_str(), None).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the drain request for this worker id");
+                return;
             }
-            Err(e) => tracing::warn!(error = %e, "cannot delete the drain request for this worker id"),
+        };
+        let Some(kv) = found.kvs().first().filter(|kv| self.clock.is_own(drain_request_lease(kv.value())))
+        else {
+            return;
+        };
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision())])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        if let Err(e) = client.txn(txn).await {
+            tracing::warn!(error = %e, "cannot delete the drain request for this worker id");
         }
     }
 
@@ -449,6 +461,16 @@ mod tests {
 
     fn long_ago() -> Instant {
         Instant::now().checked_sub(Duration::from_secs(60)).unwrap_or_else(Instant::now)
+    }
+
+    #[test]
+    fn a_drain_request_names_a_lease_in_hex() {
+        assert_eq!(drain_request_lease(b"694d8f1e2a3b4c5d"), 0x694d_8f1e_2a3b_4c5d);
+        assert_eq!(drain_request_lease(format!("{:x}", 7i64).as_bytes()), 7);
+        // Anything else names no lease (0 is never granted, so never this process's).
+        for value in [&b""[..], b"zz", b"\xff", b"1234567890abcdef0"] {
+            assert_eq!(drain_request_lease(value), 0, "{value:?}");
+        }
     }
 
     #[test]

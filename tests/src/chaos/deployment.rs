@@ -151,6 +151,21 @@ impl Deployment {
         Ok(())
     }
 
+    /// Waits (up to 30 s) until the worker of `slot` serves `/healthz`: from then on it has
+    /// its signal handlers, so a SIGTERM is a graceful stop rather than the default action (a
+    /// process signalled within milliseconds of its start dies of the signal, as any would).
+    pub async fn wait_worker_up(&self, slot: &WorkerSlot) {
+        let url = format!("http://127.0.0.1:{}/healthz", slot.settings.metrics_port);
+        let up = wait_for("a worker to serve /healthz", Duration::from_secs(30), || async {
+            let response = self.http.get(&url).timeout(Duration::from_secs(1)).send().await.ok()?;
+            response.status().is_success().then_some(())
+        })
+        .await;
+        if let Err(e) = up {
+            eprintln!("chaos: {e}; stopping it anyway");
+        }
+    }
+
     /// Waits until both coordinators answer and one leads.
     async fn wait_api(&self) -> anyhow::Result<()> {
         wait_for("the coordinators to answer, one leading", Duration::from_secs(90), || async {

@@ -565,6 +565,9 @@ impl Soak {
                 let i = rng.below(BASE_WORKERS as u64) as usize;
                 let mut slot = self.d.workers[i].lock().await;
                 let id = slot.settings.worker_id.clone();
+                if slot.running() {
+                    self.d.wait_worker_up(&slot).await;
+                }
                 slot.meant_down = true;
                 let Some(mut process) = slot.process.take() else {
                     anyhow::bail!("worker slot {i} is not running")
@@ -612,6 +615,7 @@ impl Soak {
                 drop(slot);
                 tokio::time::sleep(hold(&mut rng, 8000, 20000)).await;
                 let mut slot = self.d.workers[BASE_WORKERS].lock().await;
+                self.d.wait_worker_up(&slot).await;
                 slot.meant_down = true;
                 if let Some(mut process) = slot.process.take() {
                     process.signal(Signal::SIGTERM);
