@@ -156,7 +156,8 @@ impl Deployment {
     /// process signalled within milliseconds of its start dies of the signal, as any would).
     pub async fn wait_worker_up(&self, slot: &WorkerSlot) {
         let url = format!("http://127.0.0.1:{}/healthz", slot.settings.metrics_port);
-        let up = wait_for("a worker to serve /healthz", Duration::from_secs(30), || async {
+        let what = format!("worker {} to serve /healthz", slot.settings.worker_id);
+        let up = wait_for(&what, Duration::from_secs(30), || async {
             let response = self.http.get(&url).timeout(Duration::from_secs(1)).send().await.ok()?;
             response.status().is_success().then_some(())
         })

@@ -208,6 +208,9 @@ struct Soak {
     chain: Mutex<()>,
     proxy: Mutex<()>,
     coordinators: Mutex<()>,
+    /// Held through a whole add/remove of the extra worker: two overlapping ones would start
+    /// a process in the slot while the other's still ran (dropping it kills it unseen).
+    extra_worker: Mutex<()>,
     subscriptions: StdMutex<Vec<Planned>>,
     busy: StdMutex<BTreeSet<String>>,
     reorgs: StdMutex<Vec<InjectedReorg>>,
@@ -249,6 +252,7 @@ pub async fn run(config: &ChaosConfig) -> anyhow::Result<Report> {
         chain: Mutex::new(()),
         proxy: Mutex::new(()),
         coordinators: Mutex::new(()),
+        extra_worker: Mutex::new(()),
         subscriptions: StdMutex::new(Vec::new()),
         busy: StdMutex::new(BTreeSet::new()),
         reorgs: StdMutex::new(Vec::new()),
@@ -607,6 +611,7 @@ impl Soak {
                 Ok(())
             }
             FaultKind::WorkerAddRemove => {
+                let _guard = self.extra_worker.lock().await;
                 let mut slot = self.d.workers[BASE_WORKERS].lock().await;
                 let generation = self.worker_generation.fetch_add(1, Ordering::SeqCst);
                 slot.settings.worker_id = format!("w{BASE_WORKERS}-{generation}");
@@ -615,7 +620,9 @@ impl Soak {
                 drop(slot);
                 tokio::time::sleep(hold(&mut rng, 8000, 20000)).await;
                 let mut slot = self.d.workers[BASE_WORKERS].lock().await;
-                self.d.wait_worker_up(&slot).await;
+                if slot.running() {
+                    self.d.wait_worker_up(&slot).await;
+                }
                 slot.meant_down = true;
                 if let Some(mut process) = slot.process.take() {
                     process.signal(Signal::SIGTERM);
