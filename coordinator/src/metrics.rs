@@ -13,7 +13,7 @@ pub struct Metrics {
     registry: Registry,
     /// API requests by route and status.
     pub api_requests: IntCounterVec,
-    /// Registered subscriptions by state (set by reconcile rounds and list requests).
+    /// Registered subscriptions by state (set by the leader's reconcile rounds).
     pub subscriptions: IntGaugeVec,
     /// 1 while this replica is the leader.
     pub is_leader: IntGauge,

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
 use herald_proto::settings::{EtcdConfig, InvalidSetting};
 use herald_proto::{
     Assignment, Cursor, Key, Keyspace, SubscriptionId, SubscriptionRecord, WorkerId, WorkerInfo,
@@ -73,6 +73,35 @@ pub struct LiveWorker {
 pub struct Registry {
     client: Client,
     keys: Keyspace,
+}
+
+/// Keys one etcd read returns at most (see [`Registry::scan`]): records are at most the API's
+/// body limit (64 KiB by default) and cursors a few KiB, so a page stays below etcd's 4 MiB
+/// answer limit in practice; one that does not is read again in halves.
+const PAGE_KEYS: i64 = 256;
+
+/// The end of the range of keys starting with `prefix` (its last byte incremented; keyspace
+/// directories end in `/`).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// The first key after `key`.
+fn key_after(key: &str) -> Vec<u8> {
+    key_after_bytes(key.as_bytes())
+}
+
+fn key_after_bytes(key: &[u8]) -> Vec<u8> {
+    let mut next = key.to_vec();
+    next.push(0);
+    next
 }
 
 fn parse<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, RegistryError> {
@@ -150,25 +179,143 @@ impl Registry {
             .transpose()
     }
 
-    /// Every subscription, by id.
+    /// Every subscription, by id (read a page at a time, see [`Self::scan`]).
     pub async fn list(&self) -> Result<BTreeMap<SubscriptionId, StoredRecord>, RegistryError> {
-        let resp = self
-            .client
-            .clone()
-            .get(self.keys.subscriptions_dir(), Some(GetOptions::new().with_prefix()))
-            .await?;
         let mut out = BTreeMap::new();
-        for kv in resp.kvs() {
-            let key = kv.key_str()?;
-            let Ok(Key::Subscription(id)) = self.keys.parse(key) else { continue };
-            match parse::<SubscriptionRecord>(key, kv.value()) {
-                Ok(record) => {
-                    out.insert(id, StoredRecord { record, mod_revision: kv.mod_revision() });
-                }
-                Err(e) => tracing::warn!(error = %e, "skipping unreadable subscription record"),
+        let dir = self.keys.subscriptions_dir();
+        self.scan(dir.as_bytes().to_vec(), prefix_end(&dir), |kv| {
+            if let Some((id, stored)) = self.record_of(kv) {
+                out.insert(id, stored);
+            }
+            true
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// One page of subscriptions in id order: those with an id after `after` (any text; the
+    /// first page without it) that `keep` accepts, at most `limit`, and whether more follow.
+    /// Reads only as far as the page needs, a page of keys at a time.
+    pub async fn list_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        keep: impl Fn(&StoredRecord) -> bool,
+    ) -> Result<(Vec<(SubscriptionId, StoredRecord)>, bool), RegistryError> {
+        let dir = self.keys.subscriptions_dir();
+        let start = match after {
+            Some(after) => key_after(&format!("{dir}{after}")),
+            None => dir.as_bytes().to_vec(),
+        };
+        let mut page = Vec::new();
+        let mut more = false;
+        self.scan(start, prefix_end(&dir), |kv| {
+            let Some((id, stored)) = self.record_of(kv) else { return true };
+            if !keep(&stored) {
+                return true;
+            }
+            if page.len() == limit {
+                more = true;
+                return false;
+            }
+            page.push((id, stored));
+            true
+        })
+        .await?;
+        Ok((page, more))
+    }
+
+    /// The assignment and cursor of each of `ids` (sorted, as a page is): two ranged reads
+    /// over the page's span, a page of keys at a time, instead of the whole keyspace.
+    pub async fn statuses(
+        &self,
+        ids: &[SubscriptionId],
+    ) -> Result<BTreeMap<SubscriptionId, (Option<WorkerId>, Option<Cursor>)>, RegistryError> {
+        let mut out: BTreeMap<SubscriptionId, (Option<WorkerId>, Option<Cursor>)> =
+            ids.iter().map(|id| (id.clone(), (None, None))).collect();
+        let (Some(first), Some(last)) = (ids.first(), ids.last()) else { return Ok(out) };
+        let span = |key: fn(&Keyspace, &SubscriptionId) -> String| {
+            (key(&self.keys, first).into_bytes(), key_after(&key(&self.keys, last)))
+        };
+        let (start, end) = span(Keyspace::assignment);
+        self.scan(start, end, |kv| {
+            if let Ok(key) = kv.key_str()
+                && let Ok(Key::Assignment(id)) = self.keys.parse(key)
+                && let Some(slot) = out.get_mut(&id)
+            {
+                slot.0 = parse::<Assignment>(key, kv.value()).ok().map(|a| a.worker_id);
+            }
+            true
+        })
+        .await?;
+        let (start, end) = span(Keyspace::cursor);
+        self.scan(start, end, |kv| {
+            if let Ok(key) = kv.key_str()
+                && let Ok(Key::Cursor(id)) = self.keys.parse(key)
+                && let Some(slot) = out.get_mut(&id)
+            {
+                slot.1 = parse::<Cursor>(key, kv.value()).ok();
+            }
+            true
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// A subscription record key's id and record; `None` (logged) if it does not parse.
+    fn record_of(&self, kv: &KeyValue) -> Option<(SubscriptionId, StoredRecord)> {
+        let key = kv.key_str().ok()?;
+        let Ok(Key::Subscription(id)) = self.keys.parse(key) else { return None };
+        match parse::<SubscriptionRecord>(key, kv.value()) {
+            Ok(record) => Some((id, StoredRecord { record, mod_revision: kv.mod_revision() })),
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping unreadable subscription record");
+                None
             }
         }
-        Ok(out)
+    }
+
+    /// Visits the keys of `[start, end)` in order until `visit` returns `false`, reading
+    /// [`PAGE_KEYS`] keys at a time, every page at the revision of the first: the visit sees
+    /// one consistent snapshot, as a single read would, but no answer grows with the number of
+    /// subscriptions (a single read of every cursor passed etcd's client limit of 4 MiB at a
+    /// few hundred). A page whose answer is still too large is read again in halves.
+    async fn scan(
+        &self,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        mut visit: impl FnMut(&KeyValue) -> bool,
+    ) -> Result<(), RegistryError> {
+        let mut client = self.client.clone();
+        let (mut from, mut revision, mut page) = (start, 0, PAGE_KEYS);
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let resp = match client.get(from.clone(), Some(options)).await {
+                Ok(resp) => resp,
+                Err(etcd_client::Error::GRpcStatus(status))
+                    if page > 1 && status.message().contains("message length too large") =>
+                {
+                    page /= 2;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            for kv in resp.kvs() {
+                if !visit(kv) {
+                    return Ok(());
+                }
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => from = key_after_bytes(last.key()),
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// Applies `change` to a record with compare-and-swap, retrying on concurrent updates.
@@ -230,36 +377,20 @@ impl Registry {
         }
     }
 
-    /// Every assignment: subscription -> worker.
+    /// Every assignment: subscription -> worker (read a page at a time).
     pub async fn assignments(&self) -> Result<BTreeMap<SubscriptionId, WorkerId>, RegistryError> {
-        let resp = self
-            .client
-            .clone()
-            .get(self.keys.assignments_dir(), Some(GetOptions::new().with_prefix()))
-            .await?;
         let mut out = BTreeMap::new();
-        for kv in resp.kvs() {
-            let key = kv.key_str()?;
-            let Ok(Key::Assignment(id)) = self.keys.parse(key) else { continue };
-            if let Ok(a) = parse::<Assignment>(key, kv.value()) {
+        let dir = self.keys.assignments_dir();
+        self.scan(dir.as_bytes().to_vec(), prefix_end(&dir), |kv| {
+            if let Ok(key) = kv.key_str()
+                && let Ok(Key::Assignment(id)) = self.keys.parse(key)
+                && let Ok(a) = parse::<Assignment>(key, kv.value())
+            {
                 out.insert(id, a.worker_id);
             }
-        }
-        Ok(out)
-    }
-
-    /// Every cursor.
-    pub async fn cursors(&self) -> Result<BTreeMap<SubscriptionId, Cursor>, RegistryError> {
-        let resp =
-            self.client.clone().get(self.keys.cursors_dir(), Some(GetOptions::new().with_prefix())).await?;
-        let mut out = BTreeMap::new();
-        for kv in resp.kvs() {
-            let key = kv.key_str()?;
-            let Ok(Key::Cursor(id)) = self.keys.parse(key) else { continue };
-            if let Ok(c) = parse::<Cursor>(key, kv.value()) {
-                out.insert(id, c);
-            }
-        }
+            true
+        })
+        .await?;
         Ok(out)
     }
 
@@ -279,19 +410,20 @@ impl Registry {
         Ok((worker, cursor))
     }
 
-    /// Every live worker (registered under a lease).
+    /// Every live worker (registered under a lease), read a page at a time.
     pub async fn workers(&self) -> Result<Vec<LiveWorker>, RegistryError> {
-        let resp =
-            self.client.clone().get(self.keys.workers_dir(), Some(GetOptions::new().with_prefix())).await?;
         let mut out = Vec::new();
-        for kv in resp.kvs() {
-            let key = kv.key_str()?;
-            let Ok(Key::Worker(_)) = self.keys.parse(key) else { continue };
+        let dir = self.keys.workers_dir();
+        self.scan(dir.as_bytes().to_vec(), prefix_end(&dir), |kv| {
+            let Ok(key) = kv.key_str() else { return true };
+            let Ok(Key::Worker(_)) = self.keys.parse(key) else { return true };
             match parse::<WorkerInfo>(key, kv.value()) {
                 Ok(info) => out.push(LiveWorker { info, lease: kv.lease() }),
                 Err(e) => tracing::warn!(error = %e, "skipping unreadable worker registration"),
             }
-        }
+            true
+        })
+        .await?;
         Ok(out)
     }
 

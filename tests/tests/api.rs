@@ -312,3 +312,80 @@ async fn a_coordinator_restart_loses_nothing() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Issue 15: the list answered 503 ("decoded message length too large") once the records and
+/// cursors of every subscription no longer fitted in one etcd answer (about 275 running
+/// subscriptions with their cursors). 5,000 subscriptions with cursors of a long-running one
+/// (100 checkpoints, about 11 KB each, 55 MB in all): every page of the list, a filtered list
+/// and one subscription's status answer 200, and the pages hold every subscription once, in
+/// order, with its cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_subscriptions_list_page_by_page() -> anyhow::Result<()> {
+    use alloy_primitives::B256;
+    use etcd_client::{Txn, TxnOp};
+    use herald_proto::{Checkpoint, Cursor, SubscriptionRecord, SubscriptionState};
+    const SUBSCRIPTIONS: u64 = 5_000;
+    init_tracing();
+    let stack = Stack::start().await?;
+    let mut etcd = stack.etcd.client().await?;
+    let keys = Keyspace::default();
+    let cursor_of = |n: u64| {
+        let history = (0..100)
+            .map(|i| Checkpoint {
+                block_number: 1_000 + i,
+                block_hash: B256::repeat_byte(i as u8),
+                journal_seq: i,
+                stored_seq: i,
+            })
+            .collect();
+        Cursor { history, ..Cursor::at(2_000 + n, B256::repeat_byte(0xab), 0) }
+    };
+    // Written straight to etcd, 50 subscriptions (100 keys) per transaction.
+    let ids: Vec<String> = (0..SUBSCRIPTIONS).map(|n| format!("sub-{n:05}")).collect();
+    for chunk in ids.chunks(50) {
+        let mut ops = Vec::new();
+        for id in chunk {
+            let spec = stack.subscription(id, TRANSFER_EVENT);
+            let n: u64 = id[4..].parse()?;
+            let mut record = SubscriptionRecord::new(spec.clone(), 0);
+            if n.is_multiple_of(10) {
+                record.state = SubscriptionState::Paused;
+            }
+            ops.push(TxnOp::put(keys.subscription(&spec.id), serde_json::to_vec(&record)?, None));
+            ops.push(TxnOp::put(keys.cursor(&spec.id), serde_json::to_vec(&cursor_of(n))?, None));
+        }
+        etcd.txn(Txn::new().and_then(ops)).await?;
+    }
+    let c =
+        CoordinatorProcess::start(CoordinatorSettings::new(stack.etcd.endpoint(), stack.anvil.url())).await?;
+
+    let list = |query: String| {
+        let c = &c;
+        async move {
+            let mut seen = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let next = after.as_ref().map(|a| format!("&after={a}")).unwrap_or_default();
+                let (status, page) = c.get(&format!("/v1/subscriptions?limit=1000{query}{next}")).await?;
+                anyhow::ensure!(status == 200, "page after {after:?}: {status} {page}");
+                for item in page["items"].as_array().into_iter().flatten() {
+                    let id = item["id"].as_str().unwrap_or_default().to_owned();
+                    let n: u64 = id[4..].parse()?;
+                    anyhow::ensure!(item["cursor_block"] == 2_000 + n, "{id}'s cursor: {item}");
+                    seen.push(id);
+                }
+                match page["next_after"].as_str() {
+                    Some(a) => after = Some(a.to_owned()),
+                    None => return anyhow::Ok(seen),
+                }
+            }
+        }
+    };
+    assert_eq!(list(String::new()).await?, ids, "every subscription once, in order");
+    let paused: Vec<String> = ids.iter().step_by(10).cloned().collect();
+    assert_eq!(list("&state=paused".into()).await?, paused);
+
+    let (status, view) = c.get("/v1/subscriptions/sub-04321").await?;
+    assert_eq!((status, &view["cursor_block"]), (200, &json!(6_321)), "{view}");
+    Ok(())
+}

@@ -1,7 +1,6 @@
 //! One function per route. Handlers parse and validate, call the registry, and render views;
 //! every failure is an [`ApiError`].
 
-use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
@@ -291,38 +290,25 @@ pub async fn list_subscriptions(
 ) -> Result<Json<SubscriptionPage>, ApiError> {
     let q = parse_list_query(raw.as_deref(), state.api.max_page_size)?;
     let limit = q.limit.unwrap_or(state.api.default_page_size);
-    let records = state.registry.list().await.map_err(registry_error)?;
-    let assignments = state.registry.assignments().await.map_err(registry_error)?;
-    let cursors = state.registry.cursors().await.map_err(registry_error)?;
-    let mut counts: BTreeMap<&str, i64> = [("active", 0), ("paused", 0)].into();
-    for stored in records.values() {
-        let s = if stored.record.state == SubscriptionState::Paused { "paused" } else { "active" };
-        *counts.entry(s).or_default() += 1;
-    }
-    for (s, n) in counts {
-        state.metrics.subscriptions.with_label_values(&[s]).set(n);
-    }
-    let mut items: Vec<SubscriptionView> = records
-        .iter()
-        .filter(|(id, _)| q.after.as_deref().is_none_or(|after| id.as_str() > after))
-        .map(|(id, stored)| {
-            view(
-                stored,
-                assignments.get(id).cloned(),
-                cursors.get(id).cloned(),
-                state.heads.get(stored.record.spec.chain_id),
-            )
-        })
-        .filter(|v| q.chain_id.is_none_or(|c| v.spec["chain_id"] == c))
-        .filter(|v| q.state.as_deref().is_none_or(|s| v.state == s))
-        .take(limit + 1)
-        .collect();
-    let next_after = if items.len() > limit {
-        items.truncate(limit);
-        items.last().map(|v| v.id.clone())
-    } else {
-        None
+    // One page read from etcd, never the whole registry: the records after `after` that pass
+    // the filters, then the assignments and cursors over the page's span only.
+    let wanted = q.state.as_deref().map(|s| s == "paused");
+    let keep = |stored: &StoredRecord| {
+        q.chain_id.is_none_or(|c| stored.record.spec.chain_id == c)
+            && wanted.is_none_or(|paused| (stored.record.state == SubscriptionState::Paused) == paused)
     };
+    let (page, more) =
+        state.registry.list_page(q.after.as_deref(), limit, keep).await.map_err(registry_error)?;
+    let ids: Vec<SubscriptionId> = page.iter().map(|(id, _)| id.clone()).collect();
+    let mut statuses = state.registry.statuses(&ids).await.map_err(registry_error)?;
+    let items: Vec<SubscriptionView> = page
+        .iter()
+        .map(|(id, stored)| {
+            let (worker, cursor) = statuses.remove(id).unwrap_or_default();
+            view(stored, worker, cursor, state.heads.get(stored.record.spec.chain_id))
+        })
+        .collect();
+    let next_after = if more { items.last().map(|v| v.id.clone()) } else { None };
     Ok(Json(SubscriptionPage { items, next_after }))
 }
 
