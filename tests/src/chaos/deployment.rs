@@ -69,6 +69,9 @@ pub struct Deployment {
     pub workers: Vec<Mutex<WorkerSlot>>,
     /// Where every herald process logs.
     pub log_dir: PathBuf,
+    /// The head once every contract was deployed: no reorg may reach it, or the contracts
+    /// deployed in replaced blocks vanish with them (with their traffic, silently).
+    pub deployed_at: u64,
     http: reqwest::Client,
 }
 
@@ -87,6 +90,10 @@ impl Deployment {
         for _ in 0..contracts {
             deployed.push(TestChain::deploy(&anvil.url()).await?);
         }
+        let deployed_at = match deployed.last() {
+            Some(last) => last.head().await?,
+            None => 0,
+        };
         let etcd_urls = etcd.endpoints().join(",");
         let nats_urls = nats.urls().join(",");
         let coordinators = (0..2)
@@ -111,6 +118,7 @@ impl Deployment {
             coordinators,
             workers,
             log_dir: log_dir.to_owned(),
+            deployed_at,
             http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
         };
         for i in 0..2 {
