@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::deployment::{BASE_WORKERS, Deployment, WORKER_LEASE_TTL_SECS};
 use super::schedule::{FaultKind, PlannedFault, SplitMix64, plan};
-use super::verdict::{CanonicalLog, Counts, Delivered, Evidence, InjectedReorg, judge};
+use super::verdict::{CanonicalLog, Counts, Delivered, Evidence, InjectedReorg, judge_in_detail};
 use crate::chain::{NOTE_EVENT, TRANSFER_EVENT};
 use crate::services::ANVIL_CHAIN_ID;
 use crate::wait_for;
@@ -90,6 +90,8 @@ pub struct SubscriptionLine {
     pub messages: usize,
     /// What went wrong.
     pub counts: Counts,
+    /// The canonical logs its fold lacks, as (block, log index).
+    pub lost: Vec<(u64, u64)>,
 }
 
 /// What a soak found.
@@ -177,6 +179,11 @@ impl Report {
                 "  {:<22} conf={} canonical={} held={} messages={} lost={} dup={} extra={} order={} unmatched={} stale={} paused={} unexplained={}\n",
                 s.id, s.confirmations, s.canonical, s.held, s.messages, c.lost, c.dup, c.extra, c.order, c.unmatched, c.stale, c.paused, c.unexplained
             ));
+            if !s.lost.is_empty() {
+                let shown: Vec<String> =
+                    s.lost.iter().take(40).map(|(block, index)| format!("{block}/{index}")).collect();
+                out.push_str(&format!("    lost (block/log index): {}\n", shown.join(" ")));
+            }
         }
         out
     }
@@ -957,7 +964,7 @@ impl Soak {
                     })
                     .unwrap_or_default(),
             };
-            let (counts, held) = judge(&evidence);
+            let (counts, held, lost) = judge_in_detail(&evidence);
             let messages =
                 evidence.messages.iter().filter(|m| m.envelope.registration == registration).count();
             totals.add(&counts);
@@ -969,6 +976,7 @@ impl Soak {
                 held,
                 messages,
                 counts,
+                lost: lost.iter().map(|l| (l.block_number, l.log_index)).collect(),
             });
         }
 

@@ -117,6 +117,12 @@ impl Counts {
 
 /// Judges one subscription; also returns how many logs its fold holds.
 pub fn judge(evidence: &Evidence) -> (Counts, usize) {
+    let (counts, held, _) = judge_in_detail(evidence);
+    (counts, held)
+}
+
+/// [`judge`], with the canonical logs the fold lacks (for the report of a failing run).
+pub fn judge_in_detail(evidence: &Evidence) -> (Counts, usize, Vec<CanonicalLog>) {
     let mut counts = Counts::default();
     let messages: Vec<&Delivered> =
         evidence.messages.iter().filter(|m| m.envelope.registration == evidence.registration).collect();
@@ -170,7 +176,13 @@ pub fn judge(evidence: &Evidence) -> (Counts, usize) {
     counts.lost = canonical.iter().filter(|k| !live.contains_key(k)).count() as u64;
     counts.extra = live.keys().filter(|k| !canonical.contains(k)).count() as u64;
     counts.stale = out_of_owner_order(&messages, &evidence.owners);
-    (counts, live.len())
+    let lost = evidence
+        .canonical
+        .iter()
+        .filter(|l| !live.contains_key(&(l.block_hash, l.log_index)))
+        .copied()
+        .collect();
+    (counts, live.len(), lost)
 }
 
 /// Messages whose publisher breaks the owners' order: the publishers, in stream order and with
@@ -266,8 +278,9 @@ mod tests {
             message(3, 3, 0, false, "w1"),
             message(4, 4, 0, true, "w1"),
         ];
-        let (counts, _) = judge(&evidence(messages, &[(1, 1, 0), (2, 2, 0)]));
+        let (counts, _, lost) = judge_in_detail(&evidence(messages, &[(1, 1, 0), (2, 2, 0)]));
         assert_eq!(counts.lost, 1);
+        assert_eq!(lost.iter().map(|l| (l.block_number, l.log_index)).collect::<Vec<_>>(), [(2, 0)]);
         assert_eq!(counts.extra, 1);
         assert_eq!(counts.dup, 1);
         assert_eq!(counts.order, 1);
