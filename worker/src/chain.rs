@@ -215,6 +215,17 @@ pub trait ChainRpc: Send + Sync + 'static {
     fn tip(&self, tip: Tip) -> impl Future<Output = Result<Option<BlockRef>, RpcError>> + Send;
     /// `eth_getBlockByNumber`, header only.
     fn block(&self, number: u64) -> impl Future<Output = Result<BlockRef, RpcError>> + Send;
+    /// `eth_getBlockByNumber` of each of `numbers`, headers only, in that order. Adapters
+    /// that can batch calls do; this default asks one by one.
+    fn blocks(&self, numbers: &[u64]) -> impl Future<Output = Result<Vec<BlockRef>, RpcError>> + Send {
+        async move {
+            let mut blocks = Vec::with_capacity(numbers.len());
+            for &number in numbers {
+                blocks.push(self.block(number).await?);
+            }
+            Ok(blocks)
+        }
+    }
     /// `eth_getLogs`, validated and sorted by (block number, log index).
     fn logs(&self, query: &LogQuery) -> impl Future<Output = Result<Vec<Log>, RpcError>> + Send;
 }
@@ -227,6 +238,21 @@ pub struct HttpRpc {
     url: String,
     redacted_url: String,
     next_id: AtomicU64,
+    max_batch_size: usize,
+}
+
+/// Calls in one JSON-RPC batch unless configured otherwise (`max_batch_size`).
+pub const DEFAULT_MAX_BATCH_SIZE: usize = 100;
+
+/// One answer of a JSON-RPC batch.
+#[derive(serde::Deserialize)]
+struct BatchReply<T> {
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default = "Option::default")]
+    result: Option<T>,
+    #[serde(default)]
+    error: Option<ReplyError>,
 }
 
 #[derive(serde::Deserialize)]
@@ -264,12 +290,59 @@ impl HttpRpc {
             url: url.to_owned(),
             redacted_url: redact_url(url),
             next_id: AtomicU64::new(1),
+            max_batch_size: DEFAULT_MAX_BATCH_SIZE,
         })
+    }
+
+    /// At most `calls` calls in one JSON-RPC batch (providers cap batches; 1 sends none).
+    pub fn with_max_batch_size(mut self, calls: usize) -> Self {
+        self.max_batch_size = calls.max(1);
+        self
     }
 
     /// The endpoint with credentials, path and query hidden, fit for logs.
     pub fn redacted_url(&self) -> &str {
         &self.redacted_url
+    }
+
+    /// Posts `body` (one call or a batch) and reads the answer's status and bytes; 429 and
+    /// 5xx are classified here, other statuses are the caller's (the body may still hold a
+    /// JSON-RPC error).
+    async fn post(
+        &self,
+        method: &'static str,
+        body: &serde_json::Value,
+    ) -> Result<(reqwest::StatusCode, bytes::Bytes), RpcError> {
+        let transport = |e: reqwest::Error| RpcError::Transport {
+            method,
+            message: scrub(&e.without_url().to_string(), &self.url),
+        };
+        let response = self.http.post(&self.url).json(body).send().await.map_err(transport)?;
+        let status = response.status();
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            return Err(RpcError::RateLimited { method, retry_after });
+        }
+        if status.is_server_error() {
+            return Err(RpcError::Transport { method, message: format!("HTTP {status}") });
+        }
+        let bytes = response.bytes().await.map_err(transport)?;
+        Ok((status, bytes))
+    }
+
+    /// What an answer that is not the JSON expected means: a bad answer after HTTP success,
+    /// else a refusal with the HTTP status.
+    fn unreadable(method: &'static str, status: reqwest::StatusCode, error: serde_json::Error) -> RpcError {
+        if status.is_success() {
+            RpcError::BadAnswer { method, message: format!("unreadable answer: {error}") }
+        } else {
+            RpcError::Rejected { method, code: i64::from(status.as_u16()), message: format!("HTTP {status}") }
+        }
     }
 
     /// One JSON-RPC call, its failure classified. `Ok(None)` is a `null` result.
@@ -280,41 +353,70 @@ impl HttpRpc {
     ) -> Result<Option<T>, RpcError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        let transport = |e: reqwest::Error| RpcError::Transport {
-            method,
-            message: scrub(&e.without_url().to_string(), &self.url),
-        };
         let call = async {
-            let response = self.http.post(&self.url).json(&body).send().await.map_err(transport)?;
-            let status = response.status();
-            if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-                let retry_after = response
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs);
-                return Err(RpcError::RateLimited { method, retry_after });
-            }
-            if status.is_server_error() {
-                return Err(RpcError::Transport { method, message: format!("HTTP {status}") });
-            }
-            let bytes = response.bytes().await.map_err(transport)?;
-            let reply: Reply<T> = serde_json::from_slice(&bytes).map_err(|e| {
-                if status.is_success() {
-                    RpcError::BadAnswer { method, message: format!("unreadable answer: {e}") }
-                } else {
-                    RpcError::Rejected {
-                        method,
-                        code: i64::from(status.as_u16()),
-                        message: format!("HTTP {status}"),
-                    }
-                }
-            })?;
+            let (status, bytes) = self.post(method, &body).await?;
+            let reply: Reply<T> =
+                serde_json::from_slice(&bytes).map_err(|e| Self::unreadable(method, status, e))?;
             match reply.error {
                 Some(error) => Err(classify(method, error)),
                 None => Ok(reply.result),
             }
+        };
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| RpcError::Timeout { method, after: self.timeout })?
+    }
+
+    /// `method` once per entry of `params`, as one JSON-RPC batch: the results in the order
+    /// of `params`. Any error answer fails the whole batch, classified.
+    async fn batch<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &'static str,
+        params: Vec<serde_json::Value>,
+    ) -> Result<Vec<Option<T>>, RpcError> {
+        let first = self.next_id.fetch_add(params.len() as u64, Ordering::Relaxed);
+        let body: Vec<serde_json::Value> = params
+            .into_iter()
+            .enumerate()
+            .map(|(i, params)| {
+                serde_json::json!({"jsonrpc": "2.0", "id": first + i as u64, "method": method, "params": params})
+            })
+            .collect();
+        let count = body.len();
+        let call = async {
+            let (status, bytes) = self.post(method, &serde_json::Value::Array(body)).await?;
+            // A provider refusing the batch as a whole answers one error object.
+            if let Ok(reply) = serde_json::from_slice::<Reply<serde_json::Value>>(&bytes)
+                && let Some(error) = reply.error
+            {
+                return Err(classify(method, error));
+            }
+            let replies: Vec<BatchReply<T>> =
+                serde_json::from_slice(&bytes).map_err(|e| Self::unreadable(method, status, e))?;
+            let mut results: Vec<Option<Option<T>>> = (0..count).map(|_| None).collect();
+            for reply in replies {
+                if let Some(error) = reply.error {
+                    return Err(classify(method, error));
+                }
+                let slot = reply
+                    .id
+                    .and_then(|id| id.checked_sub(first))
+                    .and_then(|i| results.get_mut(i as usize))
+                    .ok_or_else(|| RpcError::BadAnswer {
+                        method,
+                        message: format!("batch answer with an id not asked for: {:?}", reply.id),
+                    })?;
+                *slot = Some(reply.result);
+            }
+            results
+                .into_iter()
+                .map(|r| {
+                    r.ok_or_else(|| RpcError::BadAnswer {
+                        method,
+                        message: format!("batch of {count} calls answered only in part"),
+                    })
+                })
+                .collect()
         };
         tokio::time::timeout(self.timeout, call)
             .await
@@ -368,6 +470,30 @@ impl ChainRpc for HttpRpc {
             });
         }
         Ok(BlockRef::from_header(&header))
+    }
+
+    async fn blocks(&self, numbers: &[u64]) -> Result<Vec<BlockRef>, RpcError> {
+        const METHOD: &str = "eth_getBlockByNumber";
+        let mut blocks = Vec::with_capacity(numbers.len());
+        for chunk in numbers.chunks(self.max_batch_size) {
+            let params =
+                chunk.iter().map(|&n| Self::block_param(BlockNumberOrTag::Number(n))).collect::<Vec<_>>();
+            let headers: Vec<Option<Header>> = self.batch(METHOD, params).await?;
+            for (&number, header) in chunk.iter().zip(headers) {
+                let header = header.ok_or_else(|| RpcError::BadAnswer {
+                    method: METHOD,
+                    message: format!("block {number} not found"),
+                })?;
+                if header.number != number {
+                    return Err(RpcError::BadAnswer {
+                        method: METHOD,
+                        message: format!("asked for block {number}, got {}", header.number),
+                    });
+                }
+                blocks.push(BlockRef::from_header(&header));
+            }
+        }
+        Ok(blocks)
     }
 
     async fn logs(&self, query: &LogQuery) -> Result<Vec<Log>, RpcError> {

@@ -171,6 +171,14 @@ pub struct ChainConfig {
     /// Timeout of one RPC call.
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Most calls in one JSON-RPC batch (the headers that vouch for history ranges are read
+    /// in batches); 1 sends no batches, for providers that refuse them.
+    #[serde(default = "default_max_batch_size")]
+    pub max_batch_size: usize,
+}
+
+fn default_max_batch_size() -> usize {
+    crate::chain::DEFAULT_MAX_BATCH_SIZE
 }
 
 fn default_poll_interval() -> Duration {
@@ -282,6 +290,9 @@ impl Config {
                 && !(url.starts_with("ws://") || url.starts_with("wss://"))
             {
                 return Err(invalid(format!("chains[{i}].ws_url"), "must be a ws:// or wss:// URL"));
+            }
+            if chain.max_batch_size == 0 {
+                return Err(invalid(format!("chains[{i}].max_batch_size"), "must be at least 1"));
             }
             if chain.max_addresses_per_call == 0 {
                 return Err(invalid(format!("chains[{i}].max_addresses_per_call"), "must be at least 1"));

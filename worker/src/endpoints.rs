@@ -146,11 +146,17 @@ impl<R: ChainRpc> EndpointPool<R> {
     where
         F: for<'a> Fn(&'a R) -> BoxFuture<'a, Result<T, RpcError>>,
     {
-        self.call_indexed(method, call).await.map(|(value, _)| value)
+        self.call_indexed(method, 1, call).await.map(|(value, _)| value)
     }
 
-    /// [`Self::call`], also returning the index of the endpoint that answered.
-    async fn call_indexed<T, F>(&self, method: &'static str, call: F) -> Result<(T, usize), RpcError>
+    /// [`Self::call`], also returning the index of the endpoint that answered. The call
+    /// counts as `weight` requests against an endpoint's rate (a batch counts its calls).
+    async fn call_indexed<T, F>(
+        &self,
+        method: &'static str,
+        weight: usize,
+        call: F,
+    ) -> Result<(T, usize), RpcError>
     where
         F: for<'a> Fn(&'a R) -> BoxFuture<'a, Result<T, RpcError>>,
     {
@@ -165,11 +171,13 @@ impl<R: ChainRpc> EndpointPool<R> {
                 self.metrics.rpc_failovers.with_label_values(&[&chain]).inc();
             }
             tried_any = true;
-            if let Some(limiter) = &endpoint.limiter
-                && limiter.check().is_err()
-            {
-                self.metrics.rpc_rate_limit_waits.with_label_values(&[&chain, &endpoint.label]).inc();
-                limiter.until_ready().await;
+            if let Some(limiter) = &endpoint.limiter {
+                for _ in 0..weight.max(1) {
+                    if limiter.check().is_err() {
+                        self.metrics.rpc_rate_limit_waits.with_label_values(&[&chain, &endpoint.label]).inc();
+                        limiter.until_ready().await;
+                    }
+                }
             }
             let result = match self.ensure_verified(endpoint).await {
                 Ok(true) => call(&endpoint.rpc).await,
@@ -269,7 +277,7 @@ impl<R: ChainRpc> ChainRpc for EndpointPool<R> {
 
     async fn tip(&self, tip: Tip) -> Result<Option<BlockRef>, RpcError> {
         let (block, endpoint) =
-            self.call_indexed("eth_getBlockByNumber", |rpc| Box::pin(rpc.tip(tip))).await?;
+            self.call_indexed("eth_getBlockByNumber", 1, |rpc| Box::pin(rpc.tip(tip))).await?;
         if let (Tip::Latest, Some(head)) = (tip, &block) {
             self.metrics.observe_endpoint_head(self.chain_id, endpoint, head.number);
         }
@@ -278,6 +286,15 @@ impl<R: ChainRpc> ChainRpc for EndpointPool<R> {
 
     async fn block(&self, number: u64) -> Result<BlockRef, RpcError> {
         self.call("eth_getBlockByNumber", |rpc| Box::pin(rpc.block(number))).await
+    }
+
+    async fn blocks(&self, numbers: &[u64]) -> Result<Vec<BlockRef>, RpcError> {
+        self.call_indexed("eth_getBlockByNumber", numbers.len(), |rpc| {
+            let numbers = numbers.to_vec();
+            Box::pin(async move { rpc.blocks(&numbers).await })
+        })
+        .await
+        .map(|(blocks, _)| blocks)
     }
 
     async fn logs(&self, query: &LogQuery) -> Result<Vec<Log>, RpcError> {

@@ -130,7 +130,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let mut endpoints = Vec::new();
         for (j, url) in chain.rpc_urls.iter().enumerate() {
             let rpc = HttpRpc::new(url, chain.request_timeout)
-                .map_err(|e| anyhow::anyhow!("chains[{i}].rpc_urls[{j}]: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("chains[{i}].rpc_urls[{j}]: {e}"))?
+                .with_max_batch_size(chain.max_batch_size);
             endpoints.push(EndpointConfig { name: rpc.redacted_url().to_owned(), rpc });
         }
         let names: Vec<String> = endpoints.iter().map(|e| e.name.clone()).collect();

@@ -101,6 +101,9 @@ pub struct Metrics {
     pub heads_websocket: IntGaugeVec,
     /// `eth_getLogs` answers asked again because a block's bloom says they miss logs.
     pub incomplete_log_answers: IntCounterVec,
+    /// Headers read to vouch for blocks an `eth_getLogs` answer left without logs, outside
+    /// the head window.
+    pub history_headers_read: IntCounterVec,
     /// Whether an endpoint is up (1) or down (0), by configuration index.
     pub rpc_endpoint_up: IntGaugeVec,
     /// Lease keepalive round trips.
@@ -223,6 +226,11 @@ impl Metrics {
                 "eth_getLogs answers asked again because a block's logsBloom says logs are missing.",
                 &["chain_id"],
             ),
+            history_headers_read: counter_vec(
+                "herald_rpc_history_headers_read_total",
+                "Headers read to check, by their logsBloom, blocks that an eth_getLogs answer left without logs.",
+                &["chain_id"],
+            ),
             rpc_endpoint_up: gauge_vec(
                 "herald_rpc_endpoint_up",
                 "1 while an endpoint answers, 0 while it is down (endpoint = index in rpc_urls).",
@@ -315,6 +323,7 @@ impl Metrics {
         self.rpc_range_splits.with_label_values(&[&chain]);
         self.chain_reorgs.with_label_values(&[&chain]);
         self.incomplete_log_answers.with_label_values(&[&chain]);
+        self.history_headers_read.with_label_values(&[&chain]);
         self.rpc_failovers.with_label_values(&[&chain]);
         self.publish_duration.with_label_values(&[&chain]);
         self.publish_acks.with_label_values(&[&chain]);

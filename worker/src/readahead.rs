@@ -140,14 +140,24 @@ impl<R: ChainRpc> RangeReader<R> {
     /// `eth_getLogs` for `query`, not trusted to be complete or canonical. `known` are the
     /// canonical blocks known in the range (the head tracker's window and the range's last
     /// block), in any order. Every log from a known block must carry its hash (else the chain
-    /// is reorganising under the call: an error, retried). A known block whose `logsBloom`
-    /// says it may hold a matching log, but which got none, makes the answer suspect: it is
-    /// asked again (answers merged) up to [`LOG_ATTEMPTS`] times. Then its logs are asked for
-    /// by block hash, from the block's receipts: what they hold is its answer (nothing: the
-    /// bloom gave a false positive), on the known block's branch even when the endpoint has
-    /// moved to another one since the head tracker looked.
+    /// is reorganising under the call: an error, retried).
+    ///
+    /// Every block of the range that the answer leaves without logs is vouched for by its
+    /// header's `logsBloom`: known blocks' are at hand, the others' headers are read (in
+    /// batches, once per range; they must link by parent hash to the known ones). An endpoint
+    /// may drop logs anywhere in the range, not only near its head: a backend behind a load
+    /// balancer that is still syncing, or whose log index is being rebuilt, answers `[]` for
+    /// blocks years deep. A block whose bloom says it may hold a matching log, but which got
+    /// none, makes the answer suspect: it is asked again (answers merged) up to
+    /// [`LOG_ATTEMPTS`] times. Then its logs are asked for by block hash, from the block's
+    /// receipts: what they hold is its answer (nothing: the bloom gave a false positive), on
+    /// the known block's branch even when the endpoint has moved to another one since.
     pub async fn logs(&self, query: &LogQuery, known: &[BlockRef]) -> Result<Vec<Log>, RpcError> {
-        let known: BTreeMap<u64, &BlockRef> = known.iter().map(|b| (b.number, b)).collect();
+        let mut known: BTreeMap<u64, BlockRef> = known
+            .iter()
+            .filter(|b| (query.from..=query.to).contains(&b.number))
+            .map(|b| (b.number, *b))
+            .collect();
         let mut merged: BTreeMap<(u64, u64), Log> = BTreeMap::new();
         for attempt in 1..=LOG_ATTEMPTS {
             let logs = self.observed("eth_getLogs", self.chain.logs(query)).await?;
@@ -167,6 +177,7 @@ impl<R: ChainRpc> RangeReader<R> {
                 }
                 merged.insert((number, index), log);
             }
+            self.vouch_for_silent_blocks(query, &merged, &mut known).await?;
             let suspect: Vec<u64> = known
                 .values()
                 .filter(|b| query.addresses.iter().any(|a| b.may_contain(a, &query.topics)))
@@ -207,6 +218,45 @@ impl<R: ChainRpc> RangeReader<R> {
             }
         }
         Ok(merged.into_values().collect())
+    }
+
+    /// Adds to `known` the headers of the blocks of `query`'s range that `merged` holds no
+    /// log of and `known` lacks, read from the endpoint, and checks that consecutive known
+    /// blocks link by parent hash (else the headers came from two branches: the chain is
+    /// reorganising under the calls).
+    async fn vouch_for_silent_blocks(
+        &self,
+        query: &LogQuery,
+        merged: &BTreeMap<(u64, u64), Log>,
+        known: &mut BTreeMap<u64, BlockRef>,
+    ) -> Result<(), RpcError> {
+        let silent: Vec<u64> = (query.from..=query.to)
+            .filter(|n| !known.contains_key(n))
+            .filter(|&n| merged.range((n, 0)..=(n, u64::MAX)).next().is_none())
+            .collect();
+        if silent.is_empty() {
+            return Ok(());
+        }
+        let headers = self.observed("eth_getBlockByNumber", self.chain.blocks(&silent)).await?;
+        self.metrics
+            .history_headers_read
+            .with_label_values(&[&self.chain_label])
+            .inc_by(headers.len() as u64);
+        known.extend(headers.into_iter().map(|b| (b.number, b)));
+        let mut below: Option<&BlockRef> = None;
+        for block in known.values() {
+            if let Some(parent) = below
+                && parent.number + 1 == block.number
+                && block.parent_hash != parent.hash
+            {
+                return Err(RpcError::reorganising(
+                    "eth_getBlockByNumber",
+                    format!("block {} does not link to block {} read with it", block.number, parent.number),
+                ));
+            }
+            below = Some(block);
+        }
+        Ok(())
     }
 
     /// Block `number`: from the head tracker's window when it holds it (no call), else from

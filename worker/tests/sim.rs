@@ -487,9 +487,15 @@ impl ChainRpc for SimChain {
             };
         }
         // A backend whose log index lags its head (load-balanced providers): it answers
-        // without the newest blocks' logs, which the head window's blooms expose.
-        let lag = if world.rng.percent(empty) { world.rng.range(1, self.lag_limit) } else { 0 };
-        let indexed = world.chain.head().saturating_sub(lag);
+        // without the newest blocks' logs, which the head window's blooms expose. Or one
+        // still syncing, or rebuilding its index: it answers nothing, however deep the range.
+        let indexed = if !world.rng.percent(empty) {
+            world.chain.head()
+        } else if world.rng.percent(50) {
+            world.chain.head().saturating_sub(world.rng.range(1, self.lag_limit))
+        } else {
+            query.from.saturating_sub(1)
+        };
         let chain = &world.chain;
         Ok(chain
             .blocks
