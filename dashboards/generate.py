@@ -161,6 +161,13 @@ overview = dashboard(
             (f"sum(rate(herald_retractions_total[{RATE}]))", "retractions"),
             (f"sum(rate(herald_decode_failures_total[{RATE}]))", "decode failures"),
         ], unit="ops", w=8),
+        panel("etcd database", "timeseries", [
+            ("max(herald_etcd_db_size_bytes)", "file"),
+            ("max(herald_etcd_db_size_in_use_bytes)", "in use"),
+            ("max(herald_etcd_quota_bytes)", "quota"),
+        ], unit="bytes",
+              description="etcd refuses every write at its quota. The leader compacts its history; "
+                          "a file far above what is in use needs a defragmentation."),
     ],
 )
 

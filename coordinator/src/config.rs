@@ -30,6 +30,8 @@ pub struct Config {
     pub election: ElectionConfig,
     /// Planning.
     pub planner: PlannerConfig,
+    /// etcd upkeep (see `maintenance`).
+    pub maintenance: MaintenanceConfig,
     /// Chains subscriptions may be registered on.
     pub chains: Vec<ChainConfig>,
     /// Subjects of the workers' JetStream stream (`nats.stream.subjects` in their config): a
@@ -61,6 +63,19 @@ pub struct PlannerConfig {
     /// Planning happens at least this often.
     #[serde(with = "humantime_serde")]
     pub resync_interval: Duration,
+}
+
+/// etcd upkeep by the coordinators.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceConfig {
+    /// The leader compacts etcd's history older than this; `0s` leaves compaction to etcd
+    /// (`--auto-compaction-*`).
+    #[serde(with = "humantime_serde")]
+    pub compaction_retention: Duration,
+    /// etcd's `--quota-backend-bytes`, for `herald_etcd_quota_bytes` and its alert when etcd
+    /// does not report it (before 3.6).
+    pub etcd_quota_bytes: u64,
 }
 
 /// A secret string: never printed.
@@ -151,6 +166,10 @@ impl Default for Config {
                 debounce: Duration::from_millis(300),
                 max_delay: Duration::from_secs(2),
                 resync_interval: Duration::from_secs(10),
+            },
+            maintenance: MaintenanceConfig {
+                compaction_retention: Duration::from_secs(300),
+                etcd_quota_bytes: 2 * 1024 * 1024 * 1024,
             },
             chains: Vec::new(),
             stream_subjects: vec!["herald.events.>".into()],
@@ -260,6 +279,9 @@ impl Config {
         }
         if self.election.lease_ttl < Duration::from_secs(2) {
             return Err(invalid("election.lease_ttl", "must be at least 2s"));
+        }
+        if self.maintenance.etcd_quota_bytes == 0 {
+            return Err(invalid("maintenance.etcd_quota_bytes", "must be greater than zero"));
         }
         if self.planner.resync_interval.is_zero() {
             return Err(invalid("planner.resync_interval", "must be greater than zero"));

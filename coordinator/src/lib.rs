@@ -11,6 +11,7 @@
 //! - [`planner`]: the pure, sticky, balanced assignment solver (see its README).
 //! - [`election`]: leader election (etcd election API, lease with a local deadline).
 //! - [`reconcile`]: the leader's loop: plan, diff against etcd, apply with transactions.
+//! - [`maintenance`]: etcd upkeep: its size as metrics, the leader's history compaction.
 //! - [`metrics`]: Prometheus metrics.
 //!
 //! etcd is the only state: any number of coordinators can serve the API, and a restart loses
@@ -20,6 +21,7 @@ pub mod api;
 pub mod config;
 pub mod election;
 pub mod heads;
+pub mod maintenance;
 pub mod metrics;
 pub mod planner;
 pub mod reconcile;
@@ -34,6 +36,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::heads::Heads;
 use crate::registry::Registry;
+
+/// How often etcd's database size is read for its metrics.
+const DB_SIZE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs a coordinator until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -74,7 +79,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             resync: config.planner.resync_interval,
         },
         metrics: metrics.clone(),
+        compaction_retention: config.maintenance.compaction_retention,
     };
+    tokio::spawn(maintenance::watch_db_size(
+        registry.clone(),
+        config.maintenance.etcd_quota_bytes,
+        DB_SIZE_INTERVAL,
+        metrics.clone(),
+        shutdown.child_token(),
+    ));
     let election = tokio::spawn(election::run(
         registry.client(),
         config.keyspace().leader(),

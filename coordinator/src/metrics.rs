@@ -31,6 +31,16 @@ pub struct Metrics {
     pub workers: IntGauge,
     /// Per subscription: 1 for its registered state (active, paused), 0 for the other.
     pub subscription_state: IntGaugeVec,
+    /// Size of etcd's database file (the member this replica talks to).
+    pub etcd_db_size: IntGauge,
+    /// Bytes of etcd's database in use.
+    pub etcd_db_size_in_use: IntGauge,
+    /// etcd's quota: as etcd reports it (3.6+), else `maintenance.etcd_quota_bytes`.
+    pub etcd_quota: IntGauge,
+    /// Compactions of etcd's history by this replica as leader.
+    pub etcd_compactions: IntCounter,
+    /// The revision etcd's history was last compacted to by this replica.
+    pub etcd_compacted_revision: IntGauge,
     /// Label sets of `subscription_state` currently exported, to drop deleted subscriptions.
     exported: Arc<Mutex<BTreeSet<(String, String)>>>,
 }
@@ -103,6 +113,33 @@ impl Metrics {
         for state in SUBSCRIPTION_STATES {
             subscriptions.with_label_values(&[state]);
         }
+        let gauge = |name: &str, help: &str| {
+            let gauge = IntGauge::new(name, help).expect("valid metric");
+            registry.register(Box::new(gauge.clone())).expect("unique metric");
+            gauge
+        };
+        let etcd_db_size = gauge(
+            "herald_etcd_db_size_bytes",
+            "Size of etcd's database file, as the member this replica talks to reports it.",
+        );
+        let etcd_db_size_in_use = gauge(
+            "herald_etcd_db_size_in_use_bytes",
+            "Bytes of etcd's database in use (the rest is free pages).",
+        );
+        let etcd_quota = gauge(
+            "herald_etcd_quota_bytes",
+            "etcd's database quota: as etcd reports it (3.6+), else maintenance.etcd_quota_bytes.",
+        );
+        let etcd_compacted_revision = gauge(
+            "herald_etcd_compacted_revision",
+            "The revision etcd's history was last compacted to by this replica as leader.",
+        );
+        let etcd_compactions = IntCounter::new(
+            "herald_etcd_compactions_total",
+            "Compactions of etcd's history by this replica as leader.",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(etcd_compactions.clone())).expect("unique metric");
         Self {
             registry,
             api_requests,
@@ -115,6 +152,11 @@ impl Metrics {
             plan_moves,
             workers,
             subscription_state,
+            etcd_db_size,
+            etcd_db_size_in_use,
+            etcd_quota,
+            etcd_compactions,
+            etcd_compacted_revision,
             exported: Arc::default(),
         }
     }

@@ -120,10 +120,18 @@ pub struct Reconciler {
     pub pacing: Pacing,
     /// Metrics.
     pub metrics: Metrics,
+    /// etcd history older than this is compacted while leading (zero: never).
+    pub compaction_retention: std::time::Duration,
 }
 
 impl Leadership for Reconciler {
     async fn lead(&self, fence: LeaderFence, cancel: CancellationToken) {
+        tokio::spawn(crate::maintenance::compact_while_leading(
+            self.registry.clone(),
+            self.compaction_retention,
+            self.metrics.clone(),
+            cancel.clone(),
+        ));
         let (tx, mut rx) = mpsc::channel::<()>(1);
         let keys = self.registry.keys().clone();
         for dir in [keys.workers_dir(), keys.subscriptions_dir(), keys.assignments_dir(), keys.owners_dir()] {

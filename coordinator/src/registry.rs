@@ -68,6 +68,19 @@ pub struct LiveWorker {
     pub lease: i64,
 }
 
+/// What an etcd member reports about itself.
+#[derive(Debug, Clone, Copy)]
+pub struct EtcdStatus {
+    /// The store's current revision.
+    pub revision: i64,
+    /// Size of the database file, in bytes.
+    pub db_size: i64,
+    /// Bytes of it in use (the rest is free pages, reclaimed by a defragmentation).
+    pub db_size_in_use: i64,
+    /// The member's quota (`--quota-backend-bytes`), where reported (etcd 3.6+); else 0.
+    pub quota: i64,
+}
+
 /// The etcd adapter.
 #[derive(Clone)]
 pub struct Registry {
@@ -124,6 +137,23 @@ impl Registry {
     /// Whether etcd answers.
     pub async fn ping(&self) -> Result<(), RegistryError> {
         self.client.clone().status().await?;
+        Ok(())
+    }
+
+    /// The state of the etcd member this replica talks to.
+    pub async fn status(&self) -> Result<EtcdStatus, RegistryError> {
+        let status = self.client.clone().status().await?;
+        Ok(EtcdStatus {
+            revision: status.header().map_or(0, |h| h.revision()),
+            db_size: status.db_size(),
+            db_size_in_use: status.raft_used_db_size(),
+            quota: status.db_size_quota(),
+        })
+    }
+
+    /// Compacts etcd's history up to `revision` (see [`crate::maintenance`]).
+    pub async fn compact(&self, revision: i64) -> Result<(), RegistryError> {
+        self.client.clone().compact(revision, None).await?;
         Ok(())
     }
 

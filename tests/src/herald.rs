@@ -420,12 +420,14 @@ pub struct CoordinatorSettings {
     pub rpc: String,
     /// Whether reads need a token.
     pub protect_reads: bool,
+    /// `maintenance.compaction_retention`.
+    pub compaction_retention: String,
 }
 
 impl CoordinatorSettings {
     /// Settings on a free port.
     pub fn new(etcd: String, rpc: String) -> Self {
-        Self { port: free_port(), etcd, rpc, protect_reads: false }
+        Self { port: free_port(), etcd, rpc, protect_reads: false, compaction_retention: "5m".into() }
     }
 
     /// The TOML configuration file.
@@ -454,6 +456,9 @@ protect_reads = {protect}
 max_body_bytes = 16384
 max_start_block_ahead = 1000
 
+[maintenance]
+compaction_retention = "{retention}"
+
 [[chains]]
 chain_id = {chain}
 rpc_urls = ["{rpc}"]
@@ -462,6 +467,7 @@ head_poll_interval = "200ms"
             port = self.port,
             etcd = toml_list(self.etcd.split(',')),
             protect = self.protect_reads,
+            retention = self.compaction_retention,
             chain = ANVIL_CHAIN_ID,
             rpc = self.rpc,
         )
@@ -534,6 +540,14 @@ impl CoordinatorProcess {
     /// Everything it logged.
     pub fn log(&self) -> String {
         self.process.log()
+    }
+
+    /// The value of its metric `name` (a series without labels, or the first one).
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = self.http.get(self.url("/metrics")).send().await.ok()?.text().await.ok()?;
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.split(['{', ' ']).next() == Some(name))
+            .find_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
     }
 
     /// A request builder with the admin token.

@@ -389,3 +389,42 @@ async fn five_thousand_subscriptions_list_page_by_page() -> anyhow::Result<()> {
     assert_eq!((status, &view["cursor_block"]), (200, &json!(6_321)), "{view}");
     Ok(())
 }
+
+/// The leader compacts etcd's history older than `maintenance.compaction_retention` (herald's
+/// cursor commits rewrite keys all the time: without compaction etcd reaches its quota and
+/// refuses every write), and every replica reports etcd's database size and quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_compacts_etcds_history_and_reports_its_size() -> anyhow::Result<()> {
+    init_tracing();
+    let stack = Stack::start().await?;
+    let mut etcd = stack.etcd.client().await?;
+    let first = etcd.put("herald-test/churn", "0", None).await?;
+    let old_revision = first.header().map_or(0, |h| h.revision());
+    for i in 1..20 {
+        etcd.put("herald-test/churn", i.to_string(), None).await?;
+    }
+    let mut settings = CoordinatorSettings::new(stack.etcd.endpoint(), stack.anvil.url());
+    settings.compaction_retention = "2s".into();
+    let c = CoordinatorProcess::start(settings).await?;
+
+    wait_for("the leader to compact past the first write", TIMEOUT, || async {
+        (c.metric("herald_etcd_compacted_revision").await? >= old_revision as f64).then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", c.log_tail()))?;
+    let old =
+        etcd.get("herald-test/churn", Some(etcd_client::GetOptions::new().with_revision(old_revision))).await;
+    let refused = old.expect_err("a read at a compacted revision must fail").to_string();
+    assert!(refused.contains("compacted"), "{refused}");
+    // The newest value is untouched.
+    let now = etcd.get("herald-test/churn", None).await?;
+    assert_eq!(now.kvs()[0].value_str()?, "19");
+
+    wait_for("etcd's size to be reported", TIMEOUT, || async {
+        (c.metric("herald_etcd_db_size_bytes").await? > 0.0).then_some(())
+    })
+    .await?;
+    assert!(c.metric("herald_etcd_db_size_in_use_bytes").await.unwrap_or(0.0) > 0.0);
+    assert_eq!(c.metric("herald_etcd_quota_bytes").await, Some(2.0 * 1024.0 * 1024.0 * 1024.0));
+    Ok(())
+}

@@ -225,6 +225,10 @@ struct Soak {
     executed: StdMutex<BTreeMap<FaultKind, usize>>,
     errors: StdMutex<Vec<String>>,
     split_brain: AtomicU64,
+    /// Every value the owner keys had, per subscription id: (revision, worker), oldest first,
+    /// recorded as it happens (the leader compacts etcd's history as the soak runs), with the
+    /// time of the last change and what went wrong recording it, if anything.
+    owners: StdMutex<(OwnerHistory, Instant, Option<String>)>,
     worker_generation: AtomicU64,
     history_registrations: AtomicU64,
     max_sequence: AtomicU64,
@@ -267,6 +271,7 @@ pub async fn run(config: &ChaosConfig) -> anyhow::Result<Report> {
         executed: StdMutex::new(BTreeMap::new()),
         errors: StdMutex::new(Vec::new()),
         split_brain: AtomicU64::new(0),
+        owners: StdMutex::new((BTreeMap::new(), Instant::now(), None)),
         worker_generation: AtomicU64::new(1),
         history_registrations: AtomicU64::new(0),
         max_sequence: AtomicU64::new(0),
@@ -282,6 +287,7 @@ pub async fn run(config: &ChaosConfig) -> anyhow::Result<Report> {
     let traffic = tokio::spawn(soak.clone().traffic(config.seed ^ 0x7AFF1C, stop.clone()));
     let monitor_stop = CancellationToken::new();
     let monitor = tokio::spawn(soak.clone().monitor(monitor_stop.clone()));
+    let recorder = tokio::spawn(soak.clone().record_owners(monitor_stop.clone()));
 
     let schedule = plan(config.seed, config.faults, config.duration);
     let started = Instant::now();
@@ -309,6 +315,7 @@ pub async fn run(config: &ChaosConfig) -> anyhow::Result<Report> {
     let report = soak.check(config, last_traffic_block).await;
     monitor_stop.cancel();
     let _ = monitor.await;
+    let _ = recorder.await;
     let mut report = report?;
     for slot in soak.d.workers.iter().chain([]) {
         report.exits += slot.lock().await.unexpected_exits.len() as u64;
@@ -936,7 +943,7 @@ impl Soak {
         let stream = jetstream::new(client).get_stream(crate::herald::STREAM).await?;
         let reorgs = self.reorgs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let pauses = self.pauses.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let owners = owner_history(&mut etcd).await?;
+        let owners = self.owner_history().await?;
         let mut lines = Vec::new();
         let mut totals = Counts::default();
         let mut canonical_logs = 0;
@@ -1055,36 +1062,73 @@ impl Soak {
 }
 
 /// Every value the owner keys had, per subscription id: (revision, worker), oldest first.
-async fn owner_history(
-    etcd: &mut etcd_client::Client,
-) -> anyhow::Result<BTreeMap<String, Vec<(i64, String)>>> {
-    let keys = Keyspace::default();
-    let prefix = keys.owners_dir();
-    let now = etcd.get("herald-chaos-probe", None).await?.header().map_or(0, |h| h.revision());
-    let options = WatchOptions::new().with_prefix().with_start_revision(1);
-    let mut stream = etcd.watch(prefix.as_str(), Some(options)).await?;
-    let mut history: BTreeMap<String, Vec<(i64, String)>> = BTreeMap::new();
-    let mut seen = 0;
-    // Progress: every event up to `now`; an idle watch past it is done.
-    // Every event up to `now`; a watch that stays idle past the last owner change is done.
-    while seen < now {
-        let response = match tokio::time::timeout(Duration::from_secs(3), stream.message()).await {
-            Ok(Ok(Some(response))) => response,
-            Ok(Ok(None)) | Err(_) => break,
-            Ok(Err(e)) => return Err(e.into()),
-        };
-        for event in response.events() {
-            let Some(kv) = event.kv() else { continue };
-            seen = seen.max(kv.mod_revision());
-            if event.event_type() == etcd_client::EventType::Put {
-                let key = String::from_utf8_lossy(kv.key()).into_owned();
-                let id = key.trim_start_matches(prefix.as_str()).to_owned();
-                let worker = String::from_utf8_lossy(kv.value()).into_owned();
-                history.entry(id).or_default().push((kv.mod_revision(), worker));
+type OwnerHistory = BTreeMap<String, Vec<(i64, String)>>;
+
+impl Soak {
+    /// Records every change of the owner keys from etcd's first revision on, until `stop`,
+    /// watching again from the next revision whenever the watch breaks (an etcd member killed).
+    async fn record_owners(self: Arc<Self>, stop: CancellationToken) {
+        let prefix = Keyspace::default().owners_dir();
+        let mut next = 1;
+        while !stop.is_cancelled() {
+            let watched = async {
+                let mut etcd = self.etcd_client().await?;
+                let options = WatchOptions::new().with_prefix().with_start_revision(next);
+                anyhow::Ok(etcd.watch(prefix.as_str(), Some(options)).await?)
+            };
+            let mut stream = match watched.await {
+                Ok(stream) => stream,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            loop {
+                let response = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = stream.message() => r,
+                };
+                let Ok(Some(response)) = response else { break };
+                if response.canceled() {
+                    let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+                    owners.2 = Some(format!(
+                        "the owner keys' history from revision {next} was compacted (to {}) before it was read",
+                        response.compact_revision()
+                    ));
+                    return;
+                }
+                let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+                for event in response.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    next = next.max(kv.mod_revision() + 1);
+                    owners.1 = Instant::now();
+                    if event.event_type() == etcd_client::EventType::Put {
+                        let key = String::from_utf8_lossy(kv.key()).into_owned();
+                        let id = key.trim_start_matches(prefix.as_str()).to_owned();
+                        let worker = String::from_utf8_lossy(kv.value()).into_owned();
+                        owners.0.entry(id).or_default().push((kv.mod_revision(), worker));
+                    }
+                }
             }
         }
     }
-    Ok(history)
+
+    /// The owner keys' history once no owner changed for 3 seconds (at most 30 s).
+    async fn owner_history(&self) -> anyhow::Result<OwnerHistory> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            {
+                let owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(problem) = &owners.2 {
+                    anyhow::bail!("{problem}");
+                }
+                if owners.1.elapsed() >= Duration::from_secs(3) || Instant::now() >= deadline {
+                    return Ok(owners.0.clone());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
 
 /// Every message on `subject`, as a consumer reads it: the envelope, when the stream stored
