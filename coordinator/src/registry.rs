@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp};
 use herald_proto::settings::{EtcdConfig, InvalidSetting};
 use herald_proto::{
     Assignment, Cursor, Key, Keyspace, SubscriptionId, SubscriptionRecord, WorkerId, WorkerInfo,
@@ -88,33 +88,11 @@ pub struct Registry {
     keys: Keyspace,
 }
 
-/// Keys one etcd read returns at most (see [`Registry::scan`]): records are at most the API's
-/// body limit (64 KiB by default) and cursors a few KiB, so a page stays below etcd's 4 MiB
-/// answer limit in practice; one that does not is read again in halves.
-const PAGE_KEYS: i64 = 256;
-
-/// The end of the range of keys starting with `prefix` (its last byte incremented; keyspace
-/// directories end in `/`).
-fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < u8::MAX {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
+use herald_proto::etcd::{key_after as key_after_bytes, prefix_end};
 
 /// The first key after `key`.
 fn key_after(key: &str) -> Vec<u8> {
     key_after_bytes(key.as_bytes())
-}
-
-fn key_after_bytes(key: &[u8]) -> Vec<u8> {
-    let mut next = key.to_vec();
-    next.push(0);
-    next
 }
 
 fn parse<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, RegistryError> {
@@ -305,47 +283,16 @@ impl Registry {
         }
     }
 
-    /// Visits the keys of `[start, end)` in order until `visit` returns `false`, reading
-    /// [`PAGE_KEYS`] keys at a time, every page at the revision of the first: the visit sees
-    /// one consistent snapshot, as a single read would, but no answer grows with the number of
-    /// subscriptions (a single read of every cursor passed etcd's client limit of 4 MiB at a
-    /// few hundred). A page whose answer is still too large is read again in halves.
+    /// Visits the keys of `[start, end)` in order until `visit` returns `false`, a page at a
+    /// time at one revision ([`herald_proto::etcd::scan`]).
     async fn scan(
         &self,
         start: Vec<u8>,
         end: Vec<u8>,
-        mut visit: impl FnMut(&KeyValue) -> bool,
+        visit: impl FnMut(&KeyValue) -> bool,
     ) -> Result<(), RegistryError> {
-        let mut client = self.client.clone();
-        let (mut from, mut revision, mut page) = (start, 0, PAGE_KEYS);
-        loop {
-            let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
-            if revision > 0 {
-                options = options.with_revision(revision);
-            }
-            let resp = match client.get(from.clone(), Some(options)).await {
-                Ok(resp) => resp,
-                Err(etcd_client::Error::GRpcStatus(status))
-                    if page > 1 && status.message().contains("message length too large") =>
-                {
-                    page /= 2;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if revision == 0 {
-                revision = resp.header().map_or(0, |h| h.revision());
-            }
-            for kv in resp.kvs() {
-                if !visit(kv) {
-                    return Ok(());
-                }
-            }
-            match resp.kvs().last() {
-                Some(last) if resp.more() => from = key_after_bytes(last.key()),
-                _ => return Ok(()),
-            }
-        }
+        herald_proto::etcd::scan(&self.client, start, end, visit).await?;
+        Ok(())
     }
 
     /// Applies `change` to a record with compare-and-swap, retrying on concurrent updates.

@@ -1,4 +1,5 @@
-//! herald's shared vocabulary. No IO lives here.
+//! herald's shared vocabulary. No IO lives here, except behind the `etcd` feature (the etcd
+//! connection options and paged reads both binaries use).
 //!
 //! Everything that two herald processes (or herald and its consumers) must agree on is
 //! defined once in this crate:
@@ -17,10 +18,13 @@
 //! - [`keys`]: the etcd key layout under one configurable prefix ([`Keyspace`]).
 //! - [`settings`]: configuration pieces both binaries share (etcd, log format).
 //! - [`subjects`]: NATS subject rules and header names.
+//! - `etcd` (feature `etcd`): reading a prefix in pages at one revision.
 
 pub mod assignment;
 pub mod cursor;
 pub mod envelope;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod ids;
 pub mod keys;
 pub mod membership;

@@ -589,3 +589,46 @@ async fn a_drain_request_survives_the_worker_losing_its_lease() -> anyhow::Resul
     assert_eq!(etcd.get(drain_key.as_str(), None).await?.count(), 0, "the drain request outlived worker-x");
     Ok(())
 }
+
+/// A worker lists the registry a page at a time: with more subscription records than one etcd
+/// answer may hold (4 MiB), a single read failed ("message length too large"), the worker never
+/// finished its listing and ran nothing, whatever was assigned to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_lists_more_records_than_one_etcd_answer_holds() -> anyhow::Result<()> {
+    use etcd_client::{Txn, TxnOp};
+    use herald_proto::{Keyspace, SubscriptionRecord};
+    use herald_tests::check::assert_exact_transfers;
+    use herald_tests::herald::{register_subscription, wait_for_cursor};
+    init_tracing();
+    let stack = Stack::start().await?;
+    let mut etcd = stack.etcd.client().await?;
+    let keys = Keyspace::default();
+    // 2,400 records of about 2 KB (40 addresses in a filter), assigned to nobody: 5 MB.
+    let mut written = 0;
+    for chunk in (0..2_400u64).collect::<Vec<_>>().chunks(50) {
+        let mut ops = Vec::new();
+        for n in chunk {
+            let mut spec = stack.subscription(&format!("filler-{n:04}"), TRANSFER_EVENT);
+            let to: Vec<String> = (0..40).map(|k| format!("0x{:040x}", 0x10_0000 + n * 100 + k)).collect();
+            spec.filters.insert("to".into(), to);
+            let record = serde_json::to_vec(&SubscriptionRecord::new(spec.clone(), 0))?;
+            written += record.len();
+            ops.push(TxnOp::put(keys.subscription(&spec.id), record, None));
+        }
+        etcd.txn(Txn::new().and_then(ops)).await?;
+    }
+    assert!(
+        written > 4 * 1024 * 1024,
+        "the records ({written} bytes) fit one answer: the test proves nothing"
+    );
+    let spec = stack.subscription("mine", TRANSFER_EVENT);
+    register_subscription(&mut etcd, &spec, "worker-a").await?;
+    let worker = WorkerProcess::start(stack.worker_settings("worker-a"))?;
+    let block = stack.chain.emit_many(3).await?;
+    wait_for_cursor(&stack.etcd, &spec.id, block, TIMEOUT)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))?;
+    let reader = StreamReader::connect(&stack.nats.url()).await?;
+    assert_exact_transfers(&reader.read_all(&spec.subject()).await?, 3);
+    Ok(())
+}

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions, WatchStream};
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp, WatchOptions, WatchStream};
+use herald_proto::etcd::scan_prefix;
 use herald_proto::settings::{EtcdConfig, InvalidSetting};
 use herald_proto::{Assignment, Cursor, Key, Keyspace, SubscriptionId, SubscriptionRecord, WorkerId};
 
@@ -94,21 +95,20 @@ impl EtcdStore {
         Ok(Self { client, keys })
     }
 
-    /// All assignments of `worker` and the revision they were read at.
+    /// All assignments of `worker` and the revision they were read at (paged: see
+    /// [`herald_proto::etcd`]).
     pub async fn assignments_of(
         &self,
         worker: &WorkerId,
     ) -> Result<(BTreeMap<SubscriptionId, Ownership>, i64), StoreError> {
-        let mut client = self.client.clone();
-        let dir = self.keys.assignments_dir();
-        let resp = client.get(dir, Some(GetOptions::new().with_prefix())).await?;
-        let revision = resp.header().map_or(0, |h| h.revision());
         let mut owned = BTreeMap::new();
-        for kv in resp.kvs() {
+        let revision = scan_prefix(&self.client, &self.keys.assignments_dir(), |kv| {
             if let Some(o) = self.ownership_from(worker, kv.key(), kv.value(), kv.create_revision()) {
                 owned.insert(o.subscription_id.clone(), o);
             }
-        }
+            true
+        })
+        .await?;
         Ok((owned, revision))
     }
 
@@ -192,19 +192,19 @@ impl EtcdStore {
         &self.keys
     }
 
-    /// Every subscription record, with its mod revision, and the revision they were read at.
+    /// Every subscription record, with its mod revision, and the revision they were read at
+    /// (paged: see [`herald_proto::etcd`]).
     pub async fn records(&self) -> Result<(BTreeMap<SubscriptionId, Versioned>, i64), StoreError> {
-        let mut client = self.client.clone();
-        let resp = client.get(self.keys.subscriptions_dir(), Some(GetOptions::new().with_prefix())).await?;
-        let revision = resp.header().map_or(0, |h| h.revision());
         let mut records = BTreeMap::new();
-        for kv in resp.kvs() {
+        let revision = scan_prefix(&self.client, &self.keys.subscriptions_dir(), |kv| {
             if let Some((id, record)) =
                 self.record_from(kv.key(), kv.value(), kv.mod_revision(), kv.create_revision())
             {
                 records.insert(id, record);
             }
-        }
+            true
+        })
+        .await?;
         Ok((records, revision))
     }
 
