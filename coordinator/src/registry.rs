@@ -262,7 +262,7 @@ impl Registry {
                 && let Ok(Key::Cursor(id)) = self.keys.parse(key)
                 && let Some(slot) = out.get_mut(&id)
             {
-                slot.1 = parse::<Cursor>(key, kv.value()).ok();
+                slot.1 = Cursor::decode(kv.value()).ok();
             }
             true
         })
@@ -383,7 +383,7 @@ impl Registry {
         let c = client.get(c_key.as_str(), None).await?;
         let worker =
             a.kvs().first().and_then(|kv| parse::<Assignment>(&a_key, kv.value()).ok()).map(|a| a.worker_id);
-        let cursor = c.kvs().first().and_then(|kv| parse::<Cursor>(&c_key, kv.value()).ok());
+        let cursor = c.kvs().first().and_then(|kv| Cursor::decode(kv.value()).ok());
         Ok((worker, cursor))
     }
 

@@ -70,6 +70,83 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// Bytes of an earlier checkpoint's hash kept in a stored cursor. History checkpoints only
+/// ever answer "is this block still canonical?", for which 64 bits are plenty (a wrong "yes"
+/// needs a replaced block whose hash shares them: odds of 2^-64); the cursor's own block keeps
+/// its whole hash, which becomes the parent hash that the next range must link to.
+pub const SHORT_HASH_BYTES: usize = 8;
+
+impl Checkpoint {
+    /// Whether `hash` is this checkpoint's block: compares what a stored cursor keeps of the
+    /// hash ([`SHORT_HASH_BYTES`]), so it holds whether the checkpoint was read back from etcd
+    /// or not.
+    pub fn is_block(&self, hash: &B256) -> bool {
+        self.block_hash[..SHORT_HASH_BYTES] == hash[..SHORT_HASH_BYTES]
+    }
+}
+
+/// A stored cursor that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unreadable cursor: {0}")]
+pub struct CursorError(String);
+
+/// First byte of the binary encoding (version 1); JSON, the first format, starts with `{`.
+const BINARY_V1: u8 = 0xC1;
+
+/// Most history checkpoints a stored cursor may hold ([`thin`] keeps at most 128).
+const MAX_STORED_HISTORY: u64 = 256;
+
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// `after - before`, zigzag-encoded so that small moves either way stay small.
+fn put_delta(out: &mut Vec<u8>, before: u64, after: u64) {
+    let d = after.wrapping_sub(before) as i64;
+    put_varint(out, ((d << 1) ^ (d >> 63)) as u64);
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn bytes(&mut self, n: usize) -> Result<&[u8], CursorError> {
+        if self.0.len() < n {
+            return Err(CursorError("truncated".into()));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn varint(&mut self) -> Result<u64, CursorError> {
+        let mut n = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.bytes(1)?[0];
+            n |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(n);
+            }
+        }
+        Err(CursorError("varint longer than 64 bits".into()))
+    }
+
+    fn delta(&mut self, before: u64) -> Result<u64, CursorError> {
+        let z = self.varint()?;
+        let d = ((z >> 1) as i64) ^ -((z & 1) as i64);
+        Ok(before.wrapping_add(d as u64))
+    }
+
+    fn hash(&mut self, len: usize) -> Result<B256, CursorError> {
+        let mut hash = B256::ZERO;
+        hash[..len].copy_from_slice(self.bytes(len)?);
+        Ok(hash)
+    }
+}
+
 impl Cursor {
     /// A cursor at `block_number` without history.
     pub fn at(block_number: u64, block_hash: B256, epoch: u64) -> Self {
@@ -82,6 +159,82 @@ impl Cursor {
             journal_seq: 0,
             history: Vec::new(),
         }
+    }
+
+    /// The stored form: compact binary (the cursor's own hash whole, earlier checkpoints by
+    /// distance, the first [`SHORT_HASH_BYTES`] of their hash and their journal positions as
+    /// differences): a few hundred bytes where JSON with hex hashes took up to 15 KB, written
+    /// to etcd at every commit.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.history.len() * 16);
+        out.push(BINARY_V1);
+        put_varint(&mut out, self.block_number);
+        out.extend_from_slice(self.block_hash.as_slice());
+        for n in [self.epoch, self.generation, self.stream_seq, self.journal_seq] {
+            put_varint(&mut out, n);
+        }
+        put_varint(&mut out, self.history.len() as u64);
+        let mut newer = self.checkpoint();
+        for c in self.history.iter().rev() {
+            put_varint(&mut out, newer.block_number.wrapping_sub(c.block_number));
+            out.extend_from_slice(&c.block_hash[..SHORT_HASH_BYTES]);
+            put_delta(&mut out, newer.journal_seq, c.journal_seq);
+            // What was stored when a checkpoint was written is close to where its journal starts.
+            put_delta(&mut out, c.journal_seq, c.stored_seq);
+            newer = *c;
+        }
+        out
+    }
+
+    /// Reads a stored cursor: [`Self::encode`]'s form, or the JSON of earlier versions.
+    pub fn decode(bytes: &[u8]) -> Result<Self, CursorError> {
+        match bytes.first() {
+            Some(b'{') => serde_json::from_slice(bytes).map_err(|e| CursorError(e.to_string())),
+            Some(&BINARY_V1) => Self::decode_v1(&bytes[1..]),
+            Some(other) => Err(CursorError(format!("unknown format {other:#04x}"))),
+            None => Err(CursorError("empty".into())),
+        }
+    }
+
+    fn decode_v1(bytes: &[u8]) -> Result<Self, CursorError> {
+        let mut r = Reader(bytes);
+        let block_number = r.varint()?;
+        let block_hash = r.hash(32)?;
+        let (epoch, generation, stream_seq, journal_seq) =
+            (r.varint()?, r.varint()?, r.varint()?, r.varint()?);
+        let count = r.varint()?;
+        if count > MAX_STORED_HISTORY {
+            return Err(CursorError(format!("{count} history checkpoints")));
+        }
+        let mut cursor =
+            Self { block_number, block_hash, epoch, generation, stream_seq, journal_seq, history: vec![] };
+        let mut newer = cursor.checkpoint();
+        let mut history = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let distance = r.varint()?;
+            if distance == 0 || distance > newer.block_number {
+                return Err(CursorError(format!(
+                    "checkpoint {distance} blocks below block {}",
+                    newer.block_number
+                )));
+            }
+            let block_hash = r.hash(SHORT_HASH_BYTES)?;
+            let journal_seq = r.delta(newer.journal_seq)?;
+            let c = Checkpoint {
+                block_number: newer.block_number - distance,
+                block_hash,
+                journal_seq,
+                stored_seq: r.delta(journal_seq)?,
+            };
+            history.push(c);
+            newer = c;
+        }
+        if !r.0.is_empty() {
+            return Err(CursorError(format!("{} bytes after the cursor", r.0.len())));
+        }
+        history.reverse();
+        cursor.history = history;
+        Ok(cursor)
     }
 
     /// The first block still to be processed after this cursor.
@@ -275,6 +428,67 @@ mod tests {
         assert_eq!(c.history[0].journal_seq, 2);
     }
 
+    /// `c` as it reads back from etcd: history hashes cut to [`SHORT_HASH_BYTES`].
+    fn stored(c: &Cursor) -> Cursor {
+        let mut c = c.clone();
+        for h in &mut c.history {
+            h.block_hash[SHORT_HASH_BYTES..].fill(0);
+        }
+        c
+    }
+
+    #[test]
+    fn stored_cursors_are_small_whatever_the_history() {
+        // A subscription live at the head for a million blocks, one commit a block.
+        let mut c = Cursor::at(19_000_000, B256::repeat_byte(1), 0);
+        let mut seq = 1_000_000u64;
+        for n in 19_000_001..=20_000_000u64 {
+            if n % 3 == 0 {
+                seq += 4;
+            }
+            c = c.advance(Checkpoint { journal_seq: seq - 2, ..cp(n) }, seq);
+        }
+        let live = c.encode();
+        assert_eq!(Cursor::decode(&live).unwrap(), stored(&c));
+        assert!(
+            live.len() < 512,
+            "a live cursor takes {} bytes ({} checkpoints)",
+            live.len(),
+            c.history.len()
+        );
+        // The worst: 128 checkpoints, all distances and positions large.
+        let history: Vec<Checkpoint> = (0..128u64)
+            .map(|i| Checkpoint {
+                block_number: i * (u64::MAX / 256),
+                block_hash: B256::repeat_byte(i as u8),
+                journal_seq: u64::MAX - i,
+                stored_seq: i << 56,
+            })
+            .collect();
+        let worst = Cursor { history, ..Cursor::at(u64::MAX / 2 + 1, B256::repeat_byte(9), u64::MAX) };
+        let bytes = worst.encode();
+        assert_eq!(Cursor::decode(&bytes).unwrap(), stored(&worst));
+        assert!(bytes.len() <= 4096, "{} bytes", bytes.len());
+    }
+
+    #[test]
+    fn json_cursors_of_earlier_versions_still_decode() {
+        let c = Cursor { history: vec![cp(3), cp(7)], ..Cursor::at(9, B256::repeat_byte(2), 1) };
+        assert_eq!(Cursor::decode(&serde_json::to_vec(&c).unwrap()).unwrap(), c);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_cursor() {
+        let good = Cursor { history: vec![cp(3), cp(7)], ..Cursor::at(9, B256::repeat_byte(2), 1) }.encode();
+        for cut in 0..good.len() {
+            assert!(Cursor::decode(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut long = good.clone();
+        long.push(0);
+        assert!(Cursor::decode(&long).is_err());
+        assert!(Cursor::decode(b"\x07abc").is_err());
+    }
+
     #[test]
     fn rejects_unknown_fields() {
         let bad = r#"{"block_number":1,"block_hash":"0x0000000000000000000000000000000000000000000000000000000000000000","x":1}"#;
@@ -282,6 +496,33 @@ mod tests {
     }
 
     proptest! {
+        /// Any cursor reads back as itself, history hashes cut short, and its checkpoints
+        /// still recognise their blocks.
+        #[test]
+        fn encoding_round_trips(
+            top in 1u64..u64::MAX / 2,
+            seqs in prop::collection::vec((1u64..1 << 40, any::<u64>(), any::<u64>(), any::<[u8; 32]>()), 0..128),
+            head in any::<(u64, u64, u64, u64)>(),
+        ) {
+            let mut number = top;
+            let mut history = Vec::new();
+            for (gap, journal_seq, stored_seq, hash) in seqs {
+                if gap >= number { break; }
+                number -= gap;
+                history.push(Checkpoint { block_number: number, block_hash: B256::from(hash), journal_seq, stored_seq });
+            }
+            history.reverse();
+            let c = Cursor {
+                block_number: top, block_hash: B256::repeat_byte(3),
+                epoch: head.0, generation: head.1, stream_seq: head.2, journal_seq: head.3, history,
+            };
+            let read = Cursor::decode(&c.encode()).unwrap();
+            prop_assert_eq!(&read, &stored(&c));
+            for (a, b) in read.history.iter().zip(&c.history) {
+                prop_assert!(a.is_block(&b.block_hash));
+            }
+        }
+
         /// Whatever ranges the cursor advances by, the history stays small, ordered and below
         /// the cursor, keeps the first checkpoint, and a reorg of any depth finds a checkpoint
         /// at or below the fork within eight times the depth of the best one recorded (or the oldest).

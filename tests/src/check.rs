@@ -37,7 +37,7 @@ pub async fn cursor_history(
         for event in response.events() {
             if let Some(kv) = event.kv() {
                 if !kv.value().is_empty() {
-                    history.push(serde_json::from_slice(kv.value())?);
+                    history.push(Cursor::decode(kv.value())?);
                 }
                 if kv.mod_revision() >= last {
                     return Ok(history);

@@ -312,7 +312,7 @@ pub async fn read_cursor(
 ) -> anyhow::Result<Option<Cursor>> {
     let resp = etcd.get(Keyspace::default().cursor(id), None).await?;
     Ok(match resp.kvs().first() {
-        Some(kv) => Some(serde_json::from_slice(kv.value())?),
+        Some(kv) => Some(Cursor::decode(kv.value())?),
         None => None,
     })
 }

@@ -352,7 +352,7 @@ async fn five_thousand_subscriptions_list_page_by_page() -> anyhow::Result<()> {
                 record.state = SubscriptionState::Paused;
             }
             ops.push(TxnOp::put(keys.subscription(&spec.id), serde_json::to_vec(&record)?, None));
-            ops.push(TxnOp::put(keys.cursor(&spec.id), serde_json::to_vec(&cursor_of(n))?, None));
+            ops.push(TxnOp::put(keys.cursor(&spec.id), cursor_of(n).encode(), None));
         }
         etcd.txn(Txn::new().and_then(ops)).await?;
     }

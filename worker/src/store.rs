@@ -262,7 +262,7 @@ impl CursorStore for EtcdStore {
         resp.kvs()
             .first()
             .map(|kv| {
-                serde_json::from_slice(kv.value())
+                Cursor::decode(kv.value())
                     .map_err(|e| StoreError::BadValue { key: key.clone(), message: e.to_string() })
             })
             .transpose()
@@ -271,7 +271,7 @@ impl CursorStore for EtcdStore {
     async fn commit_cursor(&self, ownership: &Ownership, cursor: &Cursor) -> Result<(), StoreError> {
         let assignment_key = self.keys.assignment(&ownership.subscription_id);
         let cursor_key = self.keys.cursor(&ownership.subscription_id);
-        let value = serde_json::to_vec(cursor).expect("cursors serialise");
+        let value = cursor.encode();
         let txn = Txn::new()
             .when([
                 Compare::create_revision(assignment_key.as_str(), CompareOp::Equal, ownership.generation),

@@ -655,7 +655,8 @@ impl CursorStore for SimStore {
                         .collect::<Vec<_>>()
                 );
             }
-            world.cursor = Some(cursor.clone());
+            // As etcd keeps it: encoded (history hashes cut short).
+            world.cursor = Some(Cursor::decode(&cursor.encode()).expect("a cursor decodes"));
             let rate = world.faults.commit_ack_lost;
             if world.rng.percent(rate) {
                 return Err(etcd_error());

@@ -923,7 +923,7 @@ impl Soak {
                     let key = keys.cursor(&id);
                     async move {
                         let resp = etcd.get(key, None).await.ok()?;
-                        let cursor: Cursor = serde_json::from_slice(resp.kvs().first()?.value()).ok()?;
+                        let cursor = Cursor::decode(resp.kvs().first()?.value()).ok()?;
                         (cursor.block_number >= target).then_some(())
                     }
                 })
