@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::election::{LeaderFence, Leadership};
 use crate::metrics::Metrics;
 use crate::planner::{self, Subscription, Worker};
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{LiveWorker, Registry, RegistryError};
 
 /// How the loop paces itself.
 #[derive(Debug, Clone, Copy)]
@@ -84,21 +84,28 @@ pub async fn reconcile_once(
     let planning = started.elapsed();
 
     let mut round = Round::default();
-    for (id, worker) in &assignments {
-        if desired.get(id) != Some(worker) && registry.revoke(id, worker, fence).await? {
-            round.revoked += 1;
-        }
-    }
-    for (id, worker) in &desired {
-        if assignments.get(id) == Some(worker) {
-            continue;
-        }
-        let Some(live) = workers.iter().find(|w| &w.info.worker_id == worker) else { continue };
-        if registry.assign(id, live, fence).await? {
-            round.assigned += 1;
-            pending.remove(id);
-        } else {
-            pending.insert(id.clone(), worker.clone());
+    let revokes: Vec<(SubscriptionId, WorkerId)> = assignments
+        .iter()
+        .filter(|(id, worker)| desired.get(*id) != Some(*worker))
+        .map(|(id, worker)| (id.clone(), worker.clone()))
+        .collect();
+    round.revoked = registry.revoke(&revokes, fence).await?;
+    let live: BTreeMap<&WorkerId, &LiveWorker> = workers.iter().map(|w| (&w.info.worker_id, w)).collect();
+    let assigns: Vec<(SubscriptionId, &LiveWorker)> = desired
+        .iter()
+        .filter(|(id, worker)| assignments.get(*id) != Some(*worker))
+        .filter_map(|(id, worker)| Some((id.clone(), *live.get(worker)?)))
+        .collect();
+    if !assigns.is_empty() {
+        let owners = registry.owners().await?;
+        let written = registry.assign(&assigns, &owners, fence).await?;
+        for ((id, worker), written) in assigns.iter().zip(written) {
+            if written {
+                round.assigned += 1;
+                pending.remove(id);
+            } else {
+                pending.insert(id.clone(), worker.info.worker_id.clone());
+            }
         }
     }
     metrics.observe_round(planning, round.revoked, workers.len());

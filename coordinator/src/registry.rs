@@ -68,6 +68,10 @@ pub struct LiveWorker {
     pub lease: i64,
 }
 
+/// Assignments (or revocations) written in one etcd transaction, each a nested transaction:
+/// etcd refuses more than 128 operations per transaction by default (`--max-txn-ops`).
+const TXN_BATCH: usize = 100;
+
 /// What an etcd member reports about itself.
 #[derive(Debug, Clone, Copy)]
 pub struct EtcdStatus {
@@ -410,20 +414,66 @@ impl Registry {
         Ok((resp.ttl() > 0).then(|| resp.granted_ttl() - resp.ttl()))
     }
 
-    /// Removes the assignment of `id` if it still names `worker` and `fence`'s term of
-    /// leadership still holds. Returns whether it did.
+    /// Removes each assignment of `revokes` that still names its worker, while `fence`'s term
+    /// of leadership holds: one transaction per [`TXN_BATCH`] of them, each removal a nested
+    /// transaction with its own condition. Returns how many were removed.
     pub async fn revoke(
         &self,
-        id: &SubscriptionId,
-        worker: &WorkerId,
+        revokes: &[(SubscriptionId, WorkerId)],
         fence: &LeaderFence,
-    ) -> Result<bool, RegistryError> {
-        let key = self.keys.assignment(id);
-        let value = serde_json::to_vec(&Assignment { worker_id: worker.clone() }).expect("serialises");
-        let txn = Txn::new()
-            .when([Compare::value(key.as_str(), CompareOp::Equal, value), fence.compare()])
-            .and_then([TxnOp::delete(key.as_str(), None)]);
-        Ok(self.client.clone().txn(txn).await?.succeeded())
+    ) -> Result<usize, RegistryError> {
+        let mut revoked = 0;
+        for batch in revokes.chunks(TXN_BATCH) {
+            let ops = batch.iter().map(|(id, worker)| {
+                let key = self.keys.assignment(id);
+                let value =
+                    serde_json::to_vec(&Assignment { worker_id: worker.clone() }).expect("serialises");
+                Txn::new()
+                    .when([Compare::value(key.as_str(), CompareOp::Equal, value)])
+                    .and_then([TxnOp::delete(key.as_str(), None)])
+            });
+            revoked += self.fenced_batch(ops, fence).await?.into_iter().filter(|done| *done).count();
+        }
+        Ok(revoked)
+    }
+
+    /// Runs `txns` nested in one transaction conditioned on `fence`: whether each one's
+    /// condition held (all `false` when the term is over).
+    async fn fenced_batch(
+        &self,
+        txns: impl IntoIterator<Item = Txn>,
+        fence: &LeaderFence,
+    ) -> Result<Vec<bool>, RegistryError> {
+        let txns: Vec<Txn> = txns.into_iter().collect();
+        let count = txns.len();
+        let outer =
+            Txn::new().when([fence.compare()]).and_then(txns.into_iter().map(TxnOp::txn).collect::<Vec<_>>());
+        let resp = self.client.clone().txn(outer).await?;
+        if !resp.succeeded() {
+            return Ok(vec![false; count]);
+        }
+        Ok(resp
+            .op_responses()
+            .into_iter()
+            .map(|r| matches!(r, etcd_client::TxnOpResponse::Txn(inner) if inner.succeeded()))
+            .collect())
+    }
+
+    /// Who holds each subscription's owner key (the worker whose task runs it), read a page
+    /// at a time.
+    pub async fn owners(&self) -> Result<BTreeMap<SubscriptionId, Vec<u8>>, RegistryError> {
+        let mut out = BTreeMap::new();
+        let dir = self.keys.owners_dir();
+        self.scan(dir.as_bytes().to_vec(), prefix_end(&dir), |kv| {
+            if let Ok(key) = kv.key_str()
+                && let Ok(Key::Owner(id)) = self.keys.parse(key)
+            {
+                out.insert(id, kv.value().to_vec());
+            }
+            true
+        })
+        .await?;
+        Ok(out)
     }
 
     /// Asks a live worker to drain and exit: a key naming the lease of the worker's current
@@ -461,38 +511,60 @@ impl Registry {
         self.client.clone()
     }
 
-    /// Assigns a subscription to a worker, bound to the worker's lease, if it is unassigned
-    /// and still exists. Returns whether it was written.
+    /// Assigns each subscription of `assigns` to its worker, bound to the worker's lease, if it
+    /// is unassigned and still exists, while `fence`'s term holds: one transaction per
+    /// [`TXN_BATCH`], each assignment a nested transaction with its own conditions. Returns
+    /// whether each was written.
     ///
     /// The previous owner must have released the subscription (its owner key is gone: its task
-    /// ended, or its lease expired), unless the owner key already names this worker.
+    /// ended, or its lease expired), unless the owner key names this worker: `owners` is what
+    /// [`Self::owners`] read, and each write compares the owner key with it.
     pub async fn assign(
         &self,
-        id: &SubscriptionId,
-        worker: &LiveWorker,
+        assigns: &[(SubscriptionId, &LiveWorker)],
+        owners: &BTreeMap<SubscriptionId, Vec<u8>>,
         fence: &LeaderFence,
-    ) -> Result<bool, RegistryError> {
-        let key = self.keys.assignment(id);
-        let owner = self.keys.owner(id);
-        let value =
-            serde_json::to_vec(&Assignment { worker_id: worker.info.worker_id.clone() }).expect("serialises");
-        let mut client = self.client.clone();
-        let held_by = client.get(owner.as_str(), None).await?;
-        let owner_guard = match held_by.kvs().first() {
-            None => Compare::create_revision(owner.as_str(), CompareOp::Equal, 0),
-            Some(kv) if kv.value() == worker.info.worker_id.as_str().as_bytes() => {
-                Compare::value(owner.as_str(), CompareOp::Equal, kv.value())
+    ) -> Result<Vec<bool>, RegistryError> {
+        let mut written = Vec::with_capacity(assigns.len());
+        for batch in assigns.chunks(TXN_BATCH) {
+            let mut txns = Vec::with_capacity(batch.len());
+            let mut slots = Vec::with_capacity(batch.len());
+            for (id, worker) in batch {
+                let owner = self.keys.owner(id);
+                let owner_guard = match owners.get(id) {
+                    None => Compare::create_revision(owner.as_str(), CompareOp::Equal, 0),
+                    Some(held) if held.as_slice() == worker.info.worker_id.as_str().as_bytes() => {
+                        Compare::value(owner.as_str(), CompareOp::Equal, held.clone())
+                    }
+                    // Still held by another worker: its task has not ended yet.
+                    Some(_) => {
+                        slots.push(None);
+                        continue;
+                    }
+                };
+                let key = self.keys.assignment(id);
+                let value = serde_json::to_vec(&Assignment { worker_id: worker.info.worker_id.clone() })
+                    .expect("serialises");
+                slots.push(Some(txns.len()));
+                txns.push(
+                    Txn::new()
+                        .when([
+                            Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                            Compare::create_revision(self.keys.subscription(id), CompareOp::Greater, 0),
+                            owner_guard,
+                        ])
+                        .and_then([TxnOp::put(
+                            key.as_str(),
+                            value,
+                            Some(PutOptions::new().with_lease(worker.lease)),
+                        )]),
+                );
             }
-            Some(_) => return Ok(false),
-        };
-        let txn = Txn::new()
-            .when([
-                Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
-                Compare::create_revision(self.keys.subscription(id), CompareOp::Greater, 0),
-                owner_guard,
-                fence.compare(),
-            ])
-            .and_then([TxnOp::put(key.as_str(), value, Some(PutOptions::new().with_lease(worker.lease)))]);
-        Ok(client.txn(txn).await?.succeeded())
+            let done = if txns.is_empty() { Vec::new() } else { self.fenced_batch(txns, fence).await? };
+            written.extend(
+                slots.into_iter().map(|slot| slot.is_some_and(|i| done.get(i).copied().unwrap_or(false))),
+            );
+        }
+        Ok(written)
     }
 }
