@@ -192,6 +192,14 @@ impl WorkerProcess {
         self.process.try_exit_code()
     }
 
+    /// Resident set size of the process in bytes (`VmRSS`), while it runs.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.pid()?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
+
     /// Peak resident set size of the process in bytes (`VmHWM`), while it runs.
     pub fn peak_rss_bytes(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.pid()?)).ok()?;

@@ -2,7 +2,8 @@
 //! `bench: <name> key=value ... ratio=<figure / target>`; ratio <= 1 is on target. Figures are
 //! measured in this run on this machine; nothing here asserts a time.
 //!
-//! `BENCH=<name>` runs one scenario: `planner`, `backfill`, `live`, `fanout`, `takeover`, `drain`.
+//! `BENCH=<name>` runs one scenario: `planner`, `backfill`, `live`, `fanout`, `takeover`, `drain`,
+//! `scale` (not part of a plain `make bench`: it runs for over ten minutes).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -457,11 +458,156 @@ async fn fanout() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// `SCALE_SUBSCRIPTIONS` (default 100,000) subscriptions registered through the API (10 events
+/// or filters per contract address, from `latest`) on 4 workers, with a block a second carrying
+/// logs for a few of them for `SCALE_SECONDS` (default 600) after all are assigned. Reports the
+/// registration rate, the time from the last registration until all are assigned, worker RSS
+/// per subscription (over the workers' RSS before any was registered), etcd's database size at
+/// the end, the time to list every page, RPC calls per block per worker and the worst lag.
+async fn scale() -> anyhow::Result<()> {
+    const WORKERS: usize = 4;
+    const CONCURRENCY: usize = 32;
+    let subscriptions: usize = env_or("SCALE_SUBSCRIPTIONS", 100_000);
+    let seconds: u64 = env_or("SCALE_SECONDS", 600);
+    let stack = Stack::start().await?;
+    let c =
+        CoordinatorProcess::start(CoordinatorSettings::new(stack.etcd.endpoint(), stack.anvil.url())).await?;
+    let mut workers = Vec::new();
+    for i in 0..WORKERS {
+        let mut settings = stack.worker_settings(&format!("scale-{i}"));
+        settings.ws = Some(stack.anvil.ws_url());
+        workers.push(WorkerProcess::start(settings)?);
+    }
+    wait_for("the workers to register", TIMEOUT, || async {
+        (c.metric("herald_coordinator_workers").await? >= WORKERS as f64).then_some(())
+    })
+    .await?;
+    let idle_rss: u64 = workers.iter().map(|w| w.rss_bytes().unwrap_or(0)).sum();
+
+    // Subscription n: contract address n / 10 (the first ten are the deployed contract, which
+    // gets traffic), a filter on `to` making each of the ten distinct.
+    let body = |n: usize| {
+        let address =
+            if n < 10 { stack.chain.contract.to_string() } else { format!("0x{:040x}", 0x1000 + n / 10) };
+        let mut body = json!({
+            "id": format!("scale-{n:06}"), "chain_id": herald_tests::services::ANVIL_CHAIN_ID,
+            "address": address, "event": TRANSFER_EVENT, "start_block": "latest",
+        });
+        if !n.is_multiple_of(10) {
+            body["filters"] = json!({"to": [format!("0x{:040x}", n % 10)]});
+        }
+        body
+    };
+    let registering = Instant::now();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let register = || async {
+        loop {
+            let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n >= subscriptions {
+                return anyhow::Ok(());
+            }
+            let (status, answer) = c.post("/v1/subscriptions", &body(n)).await?;
+            anyhow::ensure!(status == 201, "registration {n}: {status} {answer}");
+        }
+    };
+    futures::future::try_join_all((0..CONCURRENCY).map(|_| register())).await?;
+    let registered = Instant::now();
+    let registration_rate = subscriptions as f64 / registering.elapsed().as_secs_f64();
+    let assignments = herald_proto::Keyspace::default().assignments_dir();
+    wait_for("every subscription to be assigned", Duration::from_secs(1800), || {
+        let etcd = stack.etcd.client();
+        let assignments = assignments.clone();
+        async move {
+            let count = etcd
+                .await
+                .ok()?
+                .get(
+                    assignments.as_str(),
+                    Some(etcd_client::GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await
+                .ok()?
+                .count();
+            (count as usize >= subscriptions).then_some(())
+        }
+    })
+    .await?;
+    let assign_seconds = registered.elapsed().as_secs_f64();
+
+    let calls_before: Vec<f64> = {
+        let mut v = Vec::new();
+        for w in &workers {
+            v.push(w.metric("herald_rpc_requests_total", &[]).await.unwrap_or(0.0));
+        }
+        v
+    };
+    let first_block = stack.chain.head().await?;
+    let started = Instant::now();
+    let mut max_lag: f64 = 0.0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut sample = 0u64;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        tick.tick().await;
+        stack.chain.emit_many(3).await?;
+        sample += 1;
+        // After the first minute (subscriptions starting up), every ten seconds.
+        if started.elapsed() > Duration::from_secs(60.min(seconds / 2)) && sample.is_multiple_of(10) {
+            for w in &workers {
+                max_lag = max_lag.max(w.metric_max("herald_subscription_lag_blocks").await.unwrap_or(0.0));
+            }
+        }
+    }
+    let blocks = (stack.chain.head().await? - first_block).max(1) as f64;
+    let mut calls_per_block = Vec::new();
+    for (w, before) in workers.iter().zip(&calls_before) {
+        calls_per_block
+            .push((w.metric("herald_rpc_requests_total", &[]).await.unwrap_or(0.0) - before) / blocks);
+    }
+    let rss: Vec<u64> = workers.iter().map(|w| w.rss_bytes().unwrap_or(0)).collect();
+    let bytes_per_subscription =
+        rss.iter().sum::<u64>().saturating_sub(idle_rss) as f64 / subscriptions as f64;
+    let listing = Instant::now();
+    let mut after: Option<String> = None;
+    let mut listed = 0;
+    loop {
+        let next = after.as_ref().map(|a| format!("&after={a}")).unwrap_or_default();
+        let (status, page) = c.get(&format!("/v1/subscriptions?limit=1000{next}")).await?;
+        anyhow::ensure!(status == 200, "list page after {after:?}: {status}");
+        listed += page["items"].as_array().map_or(0, Vec::len);
+        match page["next_after"].as_str() {
+            Some(a) => after = Some(a.to_owned()),
+            None => break,
+        }
+    }
+    let list_seconds = listing.elapsed().as_secs_f64();
+    anyhow::ensure!(listed == subscriptions, "listed {listed} of {subscriptions}");
+    let etcd_bytes = c.metric("herald_etcd_db_size_bytes").await.unwrap_or(0.0);
+    let ratio = [assign_seconds / 60.0, bytes_per_subscription / 10_240.0, etcd_bytes / 500e6, max_lag / 2.0]
+        .into_iter()
+        .fold(0.0, f64::max);
+    println!(
+        "bench: scale subscriptions={subscriptions} workers={WORKERS} seconds={seconds} \
+         registrations_per_s={registration_rate:.0} assign_s={assign_seconds:.1} \
+         rss_mb_per_worker={} bytes_per_subscription={bytes_per_subscription:.0} etcd_db_mb={:.1} \
+         list_all_pages_s={list_seconds:.1} rpc_calls_per_block_per_worker={} max_lag_blocks={max_lag:.0} \
+         target_assign_s=60 target_bytes_per_subscription=10240 target_etcd_db_mb=500 target_max_lag_blocks=2 \
+         ratio={ratio:.3}",
+        rss.iter().map(|b| format!("{:.0}", *b as f64 / 1e6)).collect::<Vec<_>>().join(","),
+        etcd_bytes / 1e6,
+        calls_per_block.iter().map(|c| format!("{c:.1}")).collect::<Vec<_>>().join(","),
+    );
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let only = std::env::var("BENCH").ok().filter(|b| !b.is_empty());
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
-    let known = ["planner", "backfill", "live", "fanout", "takeover", "drain"];
+    let known = ["planner", "backfill", "live", "fanout", "takeover", "drain", "scale"];
     if let Some(o) = &only {
         anyhow::ensure!(known.contains(&o.as_str()), "unknown BENCH={o}; known: {known:?}");
     }
@@ -482,6 +628,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted("drain") {
         drain().await?;
+    }
+    if only.as_deref() == Some("scale") {
+        scale().await?;
     }
     Ok(())
 }
