@@ -49,6 +49,8 @@ pub struct WorkerSettings {
     pub json_logs: bool,
     /// Replicas of the stream (`nats.stream.replicas`).
     pub stream_replicas: usize,
+    /// `idle_commit_interval`: short, so that a quiet subscription's cursor is seen to move.
+    pub idle_commit_interval: String,
 }
 
 impl WorkerSettings {
@@ -68,6 +70,7 @@ impl WorkerSettings {
             lease_ttl_secs: 10,
             json_logs: false,
             stream_replicas: 1,
+            idle_commit_interval: "10s".into(),
         }
     }
 
@@ -77,6 +80,7 @@ impl WorkerSettings {
             r#"worker_id = "{id}"
 metrics_listen = "127.0.0.1:{metrics}"
 log_format = "{log_format}"
+idle_commit_interval = "{idle}"
 
 [etcd]
 endpoints = [{etcd}]
@@ -105,6 +109,7 @@ request_timeout = "{timeout}ms"
 {rps}
 "#,
             ttl = self.lease_ttl_secs,
+            idle = self.idle_commit_interval,
             log_format = if self.json_logs { "json" } else { "text" },
             id = self.worker_id,
             metrics = self.metrics_port,

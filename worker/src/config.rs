@@ -35,6 +35,15 @@ pub struct Config {
     /// Cluster membership.
     #[serde(default)]
     pub membership: MembershipConfig,
+    /// How often a subscription whose blocks publish nothing commits its cursor: a crash
+    /// replays at most this much of empty blocks (one shared fetch), while each commit is an
+    /// etcd write (every 10 s, 100,000 quiet subscriptions wrote 10,000 times a second).
+    #[serde(default = "default_idle_commit_interval", with = "humantime_serde")]
+    pub idle_commit_interval: Duration,
+}
+
+fn default_idle_commit_interval() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// How this worker takes part in the cluster.

@@ -184,6 +184,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         chains,
         metrics,
         lease,
+        idle_commit_interval: config.idle_commit_interval,
     };
     tracing::info!(worker_id = %config.worker_id, "worker running");
     supervisor.run(shutdown).await;

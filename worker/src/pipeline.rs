@@ -81,16 +81,10 @@ pub struct SubscriptionTask<R, S, C> {
     pub poll_interval: Duration,
     /// Largest `eth_getLogs` span.
     pub max_block_range: u64,
-    /// How often a cursor that moved over ranges publishing nothing is committed
-    /// ([`IDLE_COMMIT_INTERVAL`] in service).
+    /// How often a cursor that moved over ranges publishing nothing is committed (the
+    /// worker's `idle_commit_interval`).
     pub idle_commit_interval: Duration,
 }
-
-/// How often a subscription whose ranges publish nothing commits its cursor. Replaying such
-/// ranges after a crash costs a shared fetch and publishes nothing; committing them costs an
-/// etcd transaction each: at 5,000 quiet subscriptions per worker and 2 s, etcd was the
-/// busiest process of the fanout benchmark.
-pub const IDLE_COMMIT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Messages per fast-ingest batch: what a failed batch publishes again at most.
 const PUBLISH_BATCH: usize = 10_000;

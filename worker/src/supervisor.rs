@@ -140,6 +140,8 @@ pub struct Supervisor {
     /// The worker's lease: no task starts without a valid one, and each task gets a clock
     /// pinned to the registration it starts under.
     pub lease: LeaseClock,
+    /// How often a subscription whose blocks publish nothing commits its cursor.
+    pub idle_commit_interval: std::time::Duration,
 }
 
 impl Supervisor {
@@ -408,7 +410,7 @@ impl Supervisor {
             lease: clock.clone(),
             poll_interval: chain.config.poll_interval,
             max_block_range: chain.config.max_block_range,
-            idle_commit_interval: crate::pipeline::IDLE_COMMIT_INTERVAL,
+            idle_commit_interval: self.idle_commit_interval,
             spec,
         };
         // Independent of the shutdown token: shutdown drains. Revocation cancels this task

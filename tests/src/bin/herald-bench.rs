@@ -480,6 +480,8 @@ async fn scale() -> anyhow::Result<()> {
     for i in 0..WORKERS {
         let mut settings = stack.worker_settings(&format!("scale-{i}"));
         settings.ws = Some(stack.anvil.ws_url());
+        // The product's default: quiet subscriptions commit every five minutes.
+        settings.idle_commit_interval = "5m".into();
         workers.push(WorkerProcess::start(settings)?);
     }
     wait_for("the workers to register", TIMEOUT, || async {
