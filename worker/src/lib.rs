@@ -179,7 +179,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let supervisor = Supervisor {
         worker_id: config.worker_id.clone(),
-        store,
+        store: Arc::new(store),
         sink: Arc::new(sink),
         chains,
         metrics,
