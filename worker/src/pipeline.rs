@@ -198,7 +198,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         let _series = self.metrics.subscription_series(&self.labels());
         let resume = tokio::select! {
             _ = drain.cancelled() => return Exit::Drained,
-            r = self.resume_point(&cancel) => r,
+            r = Box::pin(self.resume_point(&cancel)) => r,
         };
         let Some(mut progress) = resume else {
             return Exit::Cancelled;
@@ -207,7 +207,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         let subject = self.spec.subject();
         let step = tokio::select! {
             _ = drain.cancelled() => return Exit::Drained,
-            step = self.start(&mut progress, &subject, &cancel) => step,
+            step = Box::pin(self.start(&mut progress, &subject, &cancel)) => step,
         };
         if let Some(exit) = step {
             return exit;
@@ -234,7 +234,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             if drain.is_cancelled() {
                 if progress.uncommitted
                     && let Some(cursor) = progress.cursor.clone()
-                    && let Err(exit) = self.commit(&cursor, &cancel).await
+                    && let Err(exit) = Box::pin(self.commit(&cursor, &cancel)).await
                 {
                     return exit;
                 }
@@ -242,7 +242,9 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 return Exit::Drained;
             }
             let view = heads.borrow_and_update().clone();
-            let step = self.step(&mut progress, &mut fetching, &view, &subject, &cancel).await;
+            // Boxed, like the other large steps: the task's own future, alive as long as the
+            // subscription runs, stays small while it waits for the next head.
+            let step = Box::pin(self.step(&mut progress, &mut fetching, &view, &subject, &cancel)).await;
             match step {
                 Ok(Step::Continue) => backoff.reset(),
                 Ok(Step::Idle) => {
@@ -266,7 +268,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                         },
                         _ = flush => {
                             if let Some(cursor) = progress.cursor.clone() {
-                                if let Err(exit) = self.commit(&cursor, &cancel).await {
+                                if let Err(exit) = Box::pin(self.commit(&cursor, &cancel)).await {
                                     return exit;
                                 }
                                 progress.uncommitted = false;
