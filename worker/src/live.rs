@@ -96,27 +96,43 @@ impl<R: ChainRpc> LiveLogs<R> {
     }
 
     /// The member's logs (its address and topic0; topic filters are the member's business) in
-    /// `from..=to`, fetched once for every member; `None` when the shared cache cannot answer
-    /// for all of the range.
-    pub async fn logs(
+    /// `from..=to` if the shared cache answers for all of the range, else `None`.
+    pub fn logs(&self, member: &LiveMember<R>, from: u64, to: u64, view: &ChainView) -> Option<Vec<Log>> {
+        self.cached(member, from, to, view)
+    }
+
+    /// Makes sure `from..=to` is fetched for every member: the first member to ask fetches it
+    /// (for every interest at once), the others wait for that fetch instead of calling the
+    /// endpoint. Afterwards [`Self::logs`] answers, unless the window could not vouch for the
+    /// answer (the member then fetches alone).
+    ///
+    /// Members wait here with nothing else in flight: thousands of subscriptions wake on every
+    /// head, and what each holds while it waits is what a worker's memory grows with.
+    pub async fn fill(
         &self,
         member: &LiveMember<R>,
         from: u64,
         to: u64,
         view: &ChainView,
-    ) -> Result<Option<Vec<Log>>, RpcError> {
-        if (from..=to).any(|n| view.block(n).is_none()) {
-            return Ok(None);
-        }
-        if let Some(logs) = self.cached(member, from, to, view) {
-            return Ok(Some(logs));
+    ) -> Result<(), RpcError> {
+        if !self.may_answer(member, from, to, view) {
+            return Ok(());
         }
         let _single_flight = self.fetching.lock().await;
-        if let Some(logs) = self.cached(member, from, to, view) {
-            return Ok(Some(logs));
+        if !self.may_answer(member, from, to, view) {
+            return Ok(());
         }
-        self.fill(&member.interest, from, to, view).await?;
-        Ok(self.cached(member, from, to, view))
+        Box::pin(self.fetch(&member.interest, from, to, view)).await
+    }
+
+    /// Whether the window holds every block of the range and the cache does not answer for it
+    /// yet: whether a fetch could help.
+    fn may_answer(&self, member: &LiveMember<R>, from: u64, to: u64, view: &ChainView) -> bool {
+        if (from..=to).any(|n| view.block(n).is_none()) {
+            return false;
+        }
+        let state = self.state.lock().expect("live state");
+        !(from..=to).all(|n| state.blocks.get(&n).is_some_and(|b| b.answers(&member.interest, view, n)))
     }
 
     fn cached(&self, member: &LiveMember<R>, from: u64, to: u64, view: &ChainView) -> Option<Vec<Log>> {
@@ -148,7 +164,7 @@ impl<R: ChainRpc> LiveLogs<R> {
 
     /// Fetches, for every current interest, the blocks of `from..=to` from the first one that
     /// cannot answer `interest` (missing, changed by a reorg, or fetched before it joined).
-    async fn fill(&self, interest: &Interest, from: u64, to: u64, view: &ChainView) -> Result<(), RpcError> {
+    async fn fetch(&self, interest: &Interest, from: u64, to: u64, view: &ChainView) -> Result<(), RpcError> {
         let (start, interests) = {
             let state = self.state.lock().expect("live state");
             let fresh = |n: u64| state.blocks.get(&n).is_some_and(|c| c.answers(interest, view, n));

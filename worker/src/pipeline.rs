@@ -144,6 +144,9 @@ impl Progress {
         p.published.epoch = cursor.epoch;
         p.ledger = Ledger::empty(cursor.block_number);
         p.cursor = Some(cursor);
+        // The cursor just read is the committed one: a restart writes nothing until there is
+        // something to write (or idle_commit_interval has passed).
+        p.last_commit = Some(tokio::time::Instant::now());
         p
     }
 
@@ -176,6 +179,8 @@ struct Fetching<R: ChainRpc> {
     ahead: Option<ReadAhead>,
     /// How many of them.
     depth: Depth,
+    /// The last range asked of the shared live fetch.
+    shared_asked: Option<(u64, u64)>,
 }
 
 enum Step {
@@ -183,6 +188,13 @@ enum Step {
     Continue,
     /// Caught up with the confirmed head.
     Idle,
+    /// Wants `from..=to` from the chain's shared live fetch, and steps again once it is there.
+    AwaitShared {
+        /// First block.
+        from: u64,
+        /// Last block.
+        to: u64,
+    },
     /// Stop the task.
     Exit(Exit),
 }
@@ -228,6 +240,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             member: None,
             ahead: None,
             depth: Depth::default(),
+            shared_asked: None,
         };
         let mut backoff = Backoff::network();
         loop {
@@ -250,10 +263,11 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 Ok(Step::Idle) => {
                     backoff.reset();
                     // A quiet chain still gets the cursor of its last empty ranges committed.
-                    let flush_at = progress
-                        .last_commit
-                        .filter(|_| progress.uncommitted)
-                        .map(|at| at + self.idle_commit_interval);
+                    let flush_at = progress.uncommitted.then(|| {
+                        progress
+                            .last_commit
+                            .map_or_else(tokio::time::Instant::now, |at| at + self.idle_commit_interval)
+                    });
                     let flush = async {
                         match flush_at {
                             Some(at) => tokio::time::sleep_until(at).await,
@@ -274,6 +288,17 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                                 progress.uncommitted = false;
                                 progress.last_commit = Some(tokio::time::Instant::now());
                             }
+                        }
+                    }
+                }
+                Ok(Step::AwaitShared { from, to }) => {
+                    // Waited for here, outside the step: every subscription at the head waits
+                    // for this fetch on each new block, holding only this small future.
+                    if let (Some(live), Some(member)) = (&self.live, &fetching.member) {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return Exit::Cancelled,
+                            // A failed fetch is the member's to retry alone.
+                            _ = live.fill(member, from, to, &view) => {}
                         }
                     }
                 }
@@ -526,15 +551,17 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         {
             let member =
                 fetching.member.get_or_insert_with(|| live.join(self.spec.address, self.event.selector));
-            let shared = tokio::select! {
-                _ = cancel.cancelled() => return Ok(Step::Exit(Exit::Cancelled)),
-                r = live.logs(member, from, to, view) => r,
-            };
-            if let Ok(Some(logs)) = shared {
+            if let Some(logs) = live.logs(member, from, to, view) {
                 let envelopes = fetching.reader.decoder.envelopes(&logs);
                 return self
                     .deliver(p, envelopes, (from, to), last_block.hash, view, head, target, subject, cancel)
                     .await;
+            }
+            // Not fetched yet: the run loop waits for the shared fetch and steps again. Asked
+            // once per range; if the cache still cannot answer, the range is fetched alone.
+            if fetching.shared_asked != Some((from, to)) {
+                fetching.shared_asked = Some((from, to));
+                return Ok(Step::AwaitShared { from, to });
             }
         }
         let logs = match self.fetch_logs(&fetching.reader, &query, view, &last_block, cancel).await {
@@ -749,11 +776,14 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         };
         // A range that published nothing needs no prompt commit: replaying it after a crash
         // publishes nothing either. Committing it at most every idle_commit_interval keeps
-        // thousands of quiet subscriptions from writing to etcd on every block.
+        // thousands of quiet subscriptions from writing to etcd on every block. At the head
+        // that commit is left to the run loop's idle flush, outside the step, so that quiet
+        // subscriptions hold no step while they write.
+        let caught_up = to >= target;
         let due = !envelopes.is_empty()
             || !settled.retract.is_empty()
             || p.cursor.is_none()
-            || p.last_commit.is_none_or(|at| at.elapsed() >= self.idle_commit_interval);
+            || (!caught_up && p.last_commit.is_none_or(|at| at.elapsed() >= self.idle_commit_interval));
         if due {
             if let Err(exit) = self.commit(&cursor, cancel).await {
                 return Ok(Step::Exit(exit));
@@ -764,7 +794,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         p.next = cursor.next_block();
         p.cursor = Some(cursor);
         self.metrics.observe_cursor(&labels, head, to, target);
-        Ok(if to < target { Step::Continue } else { Step::Idle })
+        Ok(if caught_up { Step::Idle } else { Step::Continue })
     }
 
     /// Publishes `envelopes` in order and returns the stream sequence of the last one: as a
