@@ -276,7 +276,15 @@ async fn watch_drain_request(
 async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Metrics, shutdown: CancellationToken) {
     use axum::routing::get;
     let app = axum::Router::new()
-        .route("/metrics", get(move || std::future::ready(metrics.render())))
+        // Streamed: tens of thousands of subscriptions' series are written out a chunk at a
+        // time rather than built whole.
+        .route(
+            "/metrics",
+            get(move || {
+                let chunks = metrics.exposition().map(Ok::<_, std::convert::Infallible>);
+                std::future::ready(axum::body::Body::from_stream(futures::stream::iter(chunks)))
+            }),
+        )
         .route("/healthz", get(|| std::future::ready("ok")));
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
     if let Err(e) = result {

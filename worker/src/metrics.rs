@@ -12,7 +12,7 @@
 //! [`Metrics::subscription_series`], ...) do the bookkeeping.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus::{
@@ -20,7 +20,11 @@ use prometheus::{
     TextEncoder,
 };
 
+use self::subscriptions::SubscriptionMetrics;
+pub use self::subscriptions::{Count, SubscriptionSeries};
 use crate::chain::RpcError;
+
+mod subscriptions;
 
 /// Values of the `state` label of `herald_subscription_state`.
 pub const SUBSCRIPTION_STATES: [&str; 3] = ["starting", "backfilling", "live"];
@@ -47,28 +51,6 @@ const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// Messages stored by JetStream, per subscription (duplicates excluded).
-    pub events_published: IntCounterVec,
-    /// Publishes JetStream reported as duplicates of stored messages (replays after a crash).
-    pub publish_duplicates: IntCounterVec,
-    /// Logs that did not decode with the subscription's ABI (published raw, flagged).
-    pub decode_failures: IntCounterVec,
-    /// Failed publish attempts (retried).
-    pub publish_errors: IntCounterVec,
-    /// Retractions published for logs from orphaned blocks.
-    pub retractions: IntCounterVec,
-    /// Reorgs at least as deep as the subscription's confirmations (or beyond the window).
-    pub deep_reorgs: IntCounterVec,
-    /// Subjects found ending below what the cursor says was stored, and published again.
-    pub stream_repairs: IntCounterVec,
-    /// Last block whose logs are all acknowledged, per subscription.
-    pub cursor_block: IntGaugeVec,
-    /// Blocks between the chain head and the cursor, per subscription.
-    pub lag_blocks: IntGaugeVec,
-    /// Seconds since the subscription was last caught up with its confirmed head.
-    pub lag_seconds: prometheus::GaugeVec,
-    /// 1 for the subscription's current state, 0 for the others.
-    pub subscription_state: IntGaugeVec,
     /// Latest head seen, per chain.
     pub head_block: IntGaugeVec,
     /// RPC calls by method and outcome.
@@ -112,23 +94,27 @@ pub struct Metrics {
     pub lease_keepalive_failures: IntCounter,
     /// Worker registrations (a new lease), the first one included.
     pub registrations: IntCounter,
-    /// When each running subscription was last caught up (for `lag_seconds`).
-    caught_up_at: Arc<Mutex<HashMap<String, Instant>>>,
+    /// The running subscriptions' series (see [`subscriptions`]).
+    subscriptions: Arc<SubscriptionMetrics>,
 }
 
 impl Metrics {
     /// Creates and registers every metric, without constant labels (tests).
     pub fn new() -> Self {
-        Self::with_registry(Registry::new())
+        Self::with_registry(Registry::new(), None)
     }
 
     /// Creates and registers every metric, each series labelled `worker_id`.
     pub fn for_worker(worker_id: &str) -> Self {
         let labels = HashMap::from([("worker_id".to_owned(), worker_id.to_owned())]);
-        Self::with_registry(Registry::new_custom(None, Some(labels)).expect("valid constant labels"))
+        Self::with_registry(
+            Registry::new_custom(None, Some(labels)).expect("valid constant labels"),
+            Some(worker_id),
+        )
     }
 
-    fn with_registry(registry: Registry) -> Self {
+    fn with_registry(registry: Registry, worker_id: Option<&str>) -> Self {
+        let subscriptions = Arc::new(SubscriptionMetrics::new(worker_id));
         fn register<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: M) -> M {
             r.register(Box::new(m.clone())).expect("unique metric");
             m
@@ -146,65 +132,7 @@ impl Metrics {
         };
         let counter =
             |name: &str, help: &str| register(r, IntCounter::new(name, help).expect("valid metric"));
-        let sub = &["chain_id", "subscription_id"];
         Self {
-            events_published: counter_vec(
-                "herald_events_published_total",
-                "Messages stored by JetStream (duplicates excluded).",
-                sub,
-            ),
-            publish_duplicates: counter_vec(
-                "herald_publish_duplicates_total",
-                "Publishes JetStream dropped as duplicates of stored messages.",
-                sub,
-            ),
-            decode_failures: counter_vec(
-                "herald_decode_failures_total",
-                "Logs that did not decode with the subscription's ABI (published raw, flagged).",
-                sub,
-            ),
-            retractions: counter_vec(
-                "herald_retractions_total",
-                "Retractions published for logs from orphaned blocks.",
-                sub,
-            ),
-            deep_reorgs: counter_vec(
-                "herald_deep_reorgs_total",
-                "Reorgs at least as deep as the subscription's confirmations: published logs had to be retracted.",
-                sub,
-            ),
-            stream_repairs: counter_vec(
-                "herald_stream_repairs_total",
-                "Subjects that had lost acknowledged messages (their tail below the cursor's record) and were published again.",
-                sub,
-            ),
-            publish_errors: counter_vec("herald_publish_errors_total", "Failed publish attempts, retried.", sub),
-            cursor_block: gauge_vec(
-                "herald_subscription_cursor_block",
-                "Last block whose logs are all acknowledged.",
-                sub,
-            ),
-            lag_blocks: gauge_vec(
-                "herald_subscription_lag_blocks",
-                "Blocks between the chain head and the subscription's cursor.",
-                sub,
-            ),
-            lag_seconds: register(
-                r,
-                prometheus::GaugeVec::new(
-                    Opts::new(
-                        "herald_subscription_lag_seconds",
-                        "Seconds since the subscription was last caught up with its confirmed head (0 while live).",
-                    ),
-                    sub,
-                )
-                .expect("valid metric"),
-            ),
-            subscription_state: gauge_vec(
-                "herald_subscription_state",
-                "1 for the state the subscription's task is in (starting, backfilling, live), 0 for the others.",
-                &["chain_id", "subscription_id", "state"],
-            ),
             head_block: gauge_vec("herald_chain_head_block", "Latest head seen.", &["chain_id"]),
             rpc_requests: counter_vec(
                 "herald_rpc_requests_total",
@@ -285,8 +213,11 @@ impl Metrics {
             ),
             assigned_subscriptions: register(
                 r,
-                IntGauge::new("herald_worker_assigned_subscriptions", "Subscriptions this worker currently runs.")
-                    .expect("valid metric"),
+                IntGauge::new(
+                    "herald_worker_assigned_subscriptions",
+                    "Subscriptions this worker currently runs.",
+                )
+                .expect("valid metric"),
             ),
             self_fenced: counter(
                 "herald_worker_self_fenced_total",
@@ -311,7 +242,7 @@ impl Metrics {
                 "herald_worker_registrations_total",
                 "Worker registrations with a new etcd lease, the first one included.",
             ),
-            caught_up_at: Arc::default(),
+            subscriptions,
             registry,
         }
     }
@@ -340,66 +271,10 @@ impl Metrics {
         }
     }
 
-    /// Creates a subscription's series (counters at 0, state `starting`); the returned guard
-    /// removes its gauges when the task ends, so a subscription that moved to another worker
-    /// does not leave stale lag or state behind. Labels: `[chain_id, subscription_id]`.
-    pub fn subscription_series(&self, labels: &[String; 2]) -> SubscriptionSeries {
-        for counter in [
-            &self.events_published,
-            &self.publish_duplicates,
-            &self.decode_failures,
-            &self.publish_errors,
-            &self.retractions,
-            &self.deep_reorgs,
-            &self.stream_repairs,
-        ] {
-            counter.with_label_values(labels);
-        }
-        self.lag_seconds.with_label_values(labels).set(0.0);
-        self.lock_caught_up().insert(labels[1].clone(), Instant::now());
-        self.set_state(labels, "starting");
-        SubscriptionSeries { metrics: self.clone(), labels: labels.clone() }
-    }
-
-    fn set_state(&self, labels: &[String; 2], state: &str) {
-        for s in SUBSCRIPTION_STATES {
-            let value = i64::from(s == state);
-            self.subscription_state.with_label_values(&[&labels[0], &labels[1], s]).set(value);
-        }
-    }
-
-    fn lock_caught_up(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        self.caught_up_at.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Records a head seen by a subscription whose next block to process is `next`, with
-    /// `confirmations`: lag and state. Labels: `[chain, subscription]`.
-    pub fn observe_head(&self, labels: &[String; 2], head: u64, next: u64, confirmations: u64) {
-        self.lag_blocks.with_label_values(labels).set(head.saturating_sub(next.saturating_sub(1)) as i64);
-        let caught_up = head.saturating_sub(confirmations) < next;
-        self.progress(labels, caught_up);
-    }
-
-    /// Records a committed cursor at block `to`, with the chain at `head` and the confirmed
-    /// target `target`. Labels: `[chain, subscription]`.
-    pub fn observe_cursor(&self, labels: &[String; 2], head: u64, to: u64, target: u64) {
-        self.cursor_block.with_label_values(labels).set(to as i64);
-        self.lag_blocks.with_label_values(labels).set(head.saturating_sub(to) as i64);
-        self.progress(labels, to >= target);
-    }
-
-    fn progress(&self, labels: &[String; 2], caught_up: bool) {
-        let now = Instant::now();
-        let behind_for = {
-            let mut caught_up_at = self.lock_caught_up();
-            let since = caught_up_at.entry(labels[1].clone()).or_insert(now);
-            if caught_up {
-                *since = now;
-            }
-            now.duration_since(*since)
-        };
-        self.lag_seconds.with_label_values(labels).set(behind_for.as_secs_f64());
-        self.set_state(labels, if caught_up { "live" } else { "backfilling" });
+    /// Starts a running subscription's series (counters at 0, state `starting`); they go
+    /// when the returned handle is dropped, with the task.
+    pub fn subscription(&self, chain_id: u64, id: &herald_proto::SubscriptionId) -> SubscriptionSeries {
+        self.subscriptions.start(chain_id, id)
     }
 
     /// Counts one RPC call of `method` on `chain` that took `elapsed`, by outcome.
@@ -451,51 +326,36 @@ impl Metrics {
         }
     }
 
-    /// Counts an atomic batch of `messages` JetStream stored.
-    pub fn observe_batch_ack(&self, labels: &[String; 2], messages: usize) {
-        self.publish_acks.with_label_values(&[&labels[0]]).inc_by(messages as u64);
-        self.events_published.with_label_values(labels).inc_by(messages as u64);
+    /// Counts an atomic batch of `messages` of `series` JetStream stored on `chain`.
+    pub fn observe_batch_ack(&self, chain: &str, series: &SubscriptionSeries, messages: usize) {
+        self.publish_acks.with_label_values(&[chain]).inc_by(messages as u64);
+        series.count_by(Count::Published, messages as u64);
     }
 
-    /// Counts a publish JetStream acknowledged; `duplicate` when it already had the message.
-    pub fn observe_ack(&self, labels: &[String; 2], duplicate: bool) {
-        self.publish_acks.with_label_values(&[&labels[0]]).inc();
-        if duplicate {
-            self.publish_duplicates.with_label_values(labels).inc();
-        } else {
-            self.events_published.with_label_values(labels).inc();
-        }
+    /// Counts a publish of `series` JetStream acknowledged on `chain`; `duplicate` when it
+    /// already had the message.
+    pub fn observe_ack(&self, chain: &str, series: &SubscriptionSeries, duplicate: bool) {
+        self.publish_acks.with_label_values(&[chain]).inc();
+        series.count(if duplicate { Count::Duplicates } else { Count::Published });
     }
 
     /// Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
+        self.exposition().collect()
+    }
+
+    /// Prometheus text exposition of every metric, in chunks: the registry's series, then
+    /// the running subscriptions' a few hundred subscriptions at a time (see
+    /// [`subscriptions`]).
+    pub fn exposition(&self) -> impl Iterator<Item = String> + Send + 'static {
+        let registered = TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default();
+        std::iter::once(registered).chain(self.subscriptions.clone().exposition())
     }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// Removes a subscription's gauges when dropped (see [`Metrics::subscription_series`]).
-pub struct SubscriptionSeries {
-    metrics: Metrics,
-    labels: [String; 2],
-}
-
-impl Drop for SubscriptionSeries {
-    fn drop(&mut self) {
-        let m = &self.metrics;
-        let labels = [self.labels[0].as_str(), self.labels[1].as_str()];
-        let _ = m.cursor_block.remove_label_values(&labels);
-        let _ = m.lag_blocks.remove_label_values(&labels);
-        let _ = m.lag_seconds.remove_label_values(&labels);
-        for s in SUBSCRIPTION_STATES {
-            let _ = m.subscription_state.remove_label_values(&[labels[0], labels[1], s]);
-        }
-        m.lock_caught_up().remove(&self.labels[1]);
     }
 }
 
@@ -518,15 +378,20 @@ impl Drop for PublishTimer {
 mod tests {
     use super::*;
 
-    fn labels() -> [String; 2] {
-        ["31337".to_owned(), "sub-a".to_owned()]
+    fn sub_a() -> herald_proto::SubscriptionId {
+        herald_proto::SubscriptionId::new("sub-a").unwrap()
+    }
+
+    /// The value of the series `name{labels}` in `text`.
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
     #[test]
     fn known_series_exist_before_anything_happens() {
         let m = Metrics::for_worker("w1");
         m.init_chain(31337, 2);
-        let _series = m.subscription_series(&labels());
+        let _series = m.subscription(31337, &sub_a());
         let text = m.render();
         for needle in [
             r#"herald_retractions_total{chain_id="31337",subscription_id="sub-a",worker_id="w1"} 0"#,
@@ -546,17 +411,65 @@ mod tests {
     #[test]
     fn state_and_lag_follow_progress_and_go_with_the_task() {
         let m = Metrics::new();
-        let series = m.subscription_series(&labels());
-        m.observe_head(&labels(), 100, 10, 2);
-        let state = |s: &str| m.subscription_state.with_label_values(&["31337", "sub-a", s]).get();
-        assert_eq!((state("backfilling"), state("live"), state("starting")), (1, 0, 0));
-        assert_eq!(m.lag_blocks.with_label_values(&["31337", "sub-a"]).get(), 91);
-        m.observe_cursor(&labels(), 100, 98, 98);
-        assert_eq!((state("backfilling"), state("live")), (0, 1));
-        assert_eq!(m.lag_seconds.with_label_values(&["31337", "sub-a"]).get(), 0.0);
+        let series = m.subscription(31337, &sub_a());
+        series.observe_head(100, 10, 2);
+        let state = |text: &str, s: &str| {
+            value(
+                text,
+                &format!(
+                    r#"herald_subscription_state{{chain_id="31337",state="{s}",subscription_id="sub-a"}}"#
+                ),
+            )
+        };
+        let text = m.render();
+        assert_eq!(
+            (state(&text, "backfilling"), state(&text, "live"), state(&text, "starting")),
+            (Some(1.0), Some(0.0), Some(0.0))
+        );
+        let lag = |text: &str, name: &str| {
+            value(text, &format!(r#"{name}{{chain_id="31337",subscription_id="sub-a"}}"#))
+        };
+        assert_eq!(lag(&text, "herald_subscription_lag_blocks"), Some(91.0));
+        series.observe_cursor(100, 98, 98);
+        series.count_by(Count::Retractions, 2);
+        let text = m.render();
+        assert_eq!((state(&text, "backfilling"), state(&text, "live")), (Some(0.0), Some(1.0)));
+        assert_eq!(lag(&text, "herald_subscription_lag_seconds"), Some(0.0));
+        assert_eq!(lag(&text, "herald_subscription_cursor_block"), Some(98.0));
+        assert_eq!(lag(&text, "herald_retractions_total"), Some(2.0));
+        // A successor's series (a restarted task) outlive the predecessor's handle.
+        let successor = m.subscription(31337, &sub_a());
         drop(series);
-        assert!(!m.render().contains("herald_subscription_state{"));
-        assert!(m.render().contains("herald_retractions_total{"), "counters stay");
+        assert_eq!(lag(&m.render(), "herald_retractions_total"), Some(0.0));
+        drop(successor);
+        let text = m.render();
+        assert!(!text.contains("herald_subscription_state"), "{text}");
+        assert!(!text.contains("herald_retractions_total"), "{text}");
+    }
+
+    #[test]
+    fn thousands_of_subscriptions_are_written_out_in_chunks_each_family_once() {
+        let m = Metrics::for_worker("w1");
+        let ids: Vec<_> =
+            (0..1500).map(|n| herald_proto::SubscriptionId::new(format!("s-{n:04}")).unwrap()).collect();
+        let series: Vec<_> = ids.iter().map(|id| m.subscription(1, id)).collect();
+        series[1499].count(Count::Published);
+        let chunks: Vec<String> = m.exposition().collect();
+        assert!(chunks.len() > 11 * 2, "{} chunks", chunks.len());
+        let text = chunks.concat();
+        for name in
+            ["herald_events_published_total", "herald_subscription_state", "herald_subscription_lag_seconds"]
+        {
+            assert_eq!(text.matches(&format!("# TYPE {name} ")).count(), 1, "{name}");
+        }
+        assert_eq!(text.lines().filter(|l| l.starts_with("herald_subscription_state{")).count(), 1500 * 3);
+        assert_eq!(
+            value(
+                &text,
+                r#"herald_events_published_total{chain_id="1",subscription_id="s-1499",worker_id="w1"}"#
+            ),
+            Some(1.0)
+        );
     }
 
     #[test]

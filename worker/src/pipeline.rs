@@ -31,7 +31,7 @@ use crate::heads::{ChainView, Heads, TagState};
 use crate::limits::{RangeHint, RangeSizer};
 use crate::live::{LiveLogs, LiveMember};
 use crate::membership::LeaseClock;
-use crate::metrics::Metrics;
+use crate::metrics::{Count, Metrics, SubscriptionSeries};
 use crate::publish::{EventSink, PublishError};
 use crate::ranges::{confirmed_target, next_range};
 use crate::readahead::{Depth, RangeReader, ReadAhead};
@@ -65,6 +65,8 @@ pub struct SubscriptionTask<R, S, C> {
     pub store: Arc<C>,
     /// Metrics.
     pub metrics: Metrics,
+    /// Its own series (from [`Metrics::subscription`]); they go with the task.
+    pub series: SubscriptionSeries,
     /// The assignment this task acts under.
     pub ownership: Ownership,
     /// The registered subscription.
@@ -200,14 +202,14 @@ enum Step {
 }
 
 impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
-    fn labels(&self) -> [String; 2] {
-        [self.spec.chain_id.to_string(), self.spec.id.to_string()]
+    /// The `chain_id` label of its chain's series.
+    fn chain_label(&self) -> String {
+        self.spec.chain_id.to_string()
     }
 
     /// Runs until cancelled (stop now), drained (stop after the current block range, with its
     /// cursor committed) or fenced.
     pub async fn run(self, cancel: CancellationToken, drain: CancellationToken) -> Exit {
-        let _series = self.metrics.subscription_series(&self.labels());
         let resume = tokio::select! {
             _ = drain.cancelled() => return Exit::Drained,
             r = Box::pin(self.resume_point(&cancel)) => r,
@@ -406,7 +408,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                     from_block = from,
                     "the subject lost acknowledged messages; publishing them again"
                 );
-                self.metrics.stream_repairs.with_label_values(&self.labels()).inc();
+                self.series.count(Count::StreamRepairs);
                 // Kept until a reconciliation succeeds: the cursor below no longer shows the loss.
                 let limit = from.saturating_sub(1);
                 p.repair = Some(p.repair.map_or(limit, |r| r.min(limit)));
@@ -476,11 +478,10 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         subject: &str,
         cancel: &CancellationToken,
     ) -> Result<Step, RpcError> {
-        let labels = self.labels();
         let Some(head) = view.head() else {
             return Ok(Step::Idle);
         };
-        self.metrics.observe_head(&labels, head, p.next, self.spec.confirmations);
+        self.series.observe_head(head, p.next, self.spec.confirmations);
         let Some(mut target) = confirmed_target(head, self.spec.confirmations) else {
             return Ok(Step::Idle);
         };
@@ -688,7 +689,6 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         subject: &str,
         cancel: &CancellationToken,
     ) -> Result<Step, RpcError> {
-        let labels = self.labels();
         // What the subject already holds live in the range: skipped when canonical, retracted
         // when its block was orphaned.
         let mut hashes: BTreeMap<u64, B256> = BTreeMap::from([(to, to_hash)]);
@@ -728,7 +728,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                     Ok(sequence) => p.last_seq = p.last_seq.max(sequence),
                     Err(exit) => return Ok(Step::Exit(exit)),
                 }
-                self.metrics.retractions.with_label_values(&labels).inc();
+                self.series.count(Count::Retractions);
             }
             tracing::info!(
                 from,
@@ -743,7 +743,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             envelope.rewind_epoch = p.epoch;
             envelope.reorg_generation = p.generation;
             if let Some(error) = &envelope.decode_error {
-                self.metrics.decode_failures.with_label_values(&labels).inc();
+                self.series.count(Count::DecodeFailures);
                 tracing::warn!(
                     block = envelope.block_number,
                     log_index = envelope.log_index,
@@ -793,7 +793,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         p.uncommitted = !due;
         p.next = cursor.next_block();
         p.cursor = Some(cursor);
-        self.metrics.observe_cursor(&labels, head, to, target);
+        self.series.observe_cursor(head, to, target);
         Ok(if caught_up { Step::Idle } else { Step::Continue })
     }
 
@@ -812,7 +812,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 break;
             }
             self.check_lease()?;
-            let timer = self.metrics.publish_timer(&self.labels()[0], envelopes.len());
+            let timer = self.metrics.publish_timer(&self.chain_label(), envelopes.len());
             let result = tokio::select! {
                 _ = cancel.cancelled() => return Err(Exit::Cancelled),
                 r = self.sink.publish_batch(subject, envelopes) => r,
@@ -820,7 +820,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             drop(timer);
             match result {
                 Ok(sequence) => {
-                    self.metrics.observe_batch_ack(&self.labels(), envelopes.len());
+                    self.metrics.observe_batch_ack(&self.chain_label(), &self.series, envelopes.len());
                     return Ok(sequence);
                 }
                 Err(e) => tracing::debug!(
@@ -846,11 +846,11 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         envelope: &herald_proto::EventEnvelope,
         cancel: &CancellationToken,
     ) -> Result<u64, Exit> {
-        let labels = self.labels();
+        let chain = self.chain_label();
         let mut backoff = Backoff::network();
         loop {
             self.check_lease()?;
-            let timer = self.metrics.publish_timer(&labels[0], 1);
+            let timer = self.metrics.publish_timer(&chain, 1);
             let result = tokio::select! {
                 _ = cancel.cancelled() => return Err(Exit::Cancelled),
                 r = self.sink.publish(subject, envelope) => r,
@@ -858,7 +858,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             drop(timer);
             match result {
                 Ok(stored) => {
-                    self.metrics.observe_ack(&labels, stored.duplicate);
+                    self.metrics.observe_ack(&chain, &self.series, stored.duplicate);
                     if backoff.attempts() > 0 {
                         tracing::info!(attempts = backoff.attempts(), "publishing recovered");
                     }
@@ -869,7 +869,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 {
                     // Retrying can never succeed: deliver the log's identity, flagged, so the
                     // consumer can fetch it from the chain, instead of stalling the subscription.
-                    self.metrics.publish_errors.with_label_values(&labels).inc();
+                    self.series.count(Count::PublishErrors);
                     tracing::warn!(
                         size,
                         max,
@@ -886,7 +886,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                     return Box::pin(self.publish(subject, &reduced, cancel)).await;
                 }
                 Err(e) => {
-                    self.metrics.publish_errors.with_label_values(&labels).inc();
+                    self.series.count(Count::PublishErrors);
                     if backoff.attempts() == 0 {
                         tracing::warn!(error = %e, block = envelope.block_number, "publish failed, retrying with backoff");
                     }
@@ -914,7 +914,6 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         why: Why,
         cancel: &CancellationToken,
     ) -> Result<Step, RpcError> {
-        let labels = self.labels();
         let mut hashes: BTreeMap<u64, B256> = BTreeMap::new();
         // 1. The newest checkpoint still canonical (the fold at and below it is the chain's),
         // and the newest at or below `limit`, whose journal position bounds what to read.
@@ -1070,7 +1069,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 Ok(sequence) => p.last_seq = p.last_seq.max(sequence),
                 Err(exit) => return Ok(Step::Exit(exit)),
             }
-            self.metrics.retractions.with_label_values(&labels).inc();
+            self.series.count(Count::Retractions);
         }
         p.ledger = ledger;
         if why == Why::Unwind {
@@ -1078,7 +1077,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             // The cursor only ever names blocks `confirmations` deep, so with confirmations > 0
             // any reorg that reaches it is deeper than promised: it must never pass silently.
             if self.spec.confirmations > 0 {
-                self.metrics.deep_reorgs.with_label_values(&labels).inc();
+                self.series.count(Count::DeepReorgs);
                 tracing::warn!(
                     unwound,
                     confirmations = self.spec.confirmations,
@@ -1515,13 +1514,15 @@ mod tests {
             metrics: Metrics::new(),
         }
         .spawn(CancellationToken::new());
+        let metrics = Metrics::new();
         SubscriptionTask {
             live: Some(crate::live::LiveLogs::new(1, chain.clone(), 100, Metrics::new())),
             chain,
             heads,
             sink,
             store,
-            metrics: Metrics::new(),
+            series: metrics.subscription(1, &spec.id),
+            metrics,
             ownership: Ownership {
                 subscription_id: spec.id.clone(),
                 generation: 1,

@@ -403,6 +403,7 @@ impl Supervisor {
             sink: self.sink.clone(),
             store: self.store.clone(),
             metrics: self.metrics.clone(),
+            series: self.metrics.subscription(spec.chain_id, &id),
             ownership: key.ownership.clone(),
             event,
             rewind: versioned.record.rewind,

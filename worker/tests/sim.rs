@@ -818,6 +818,7 @@ impl Scenario {
             sink: Arc::new(SimSink { shared: self.shared.clone(), task: id }),
             store: Arc::new(SimStore { shared: self.shared.clone(), task: id }),
             metrics: self.metrics.clone(),
+            series: self.metrics.subscription(1, &self.spec.id),
             ownership: Ownership {
                 subscription_id: self.spec.id.clone(),
                 generation,
