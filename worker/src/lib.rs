@@ -38,6 +38,7 @@ pub mod pipeline;
 pub mod publish;
 pub mod ranges;
 pub mod readahead;
+pub mod records;
 pub mod retry;
 pub mod shutdown;
 pub mod store;

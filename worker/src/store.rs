@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp, WatchOptions, WatchStream};
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream};
 use herald_proto::etcd::scan_prefix;
 use herald_proto::settings::{EtcdConfig, InvalidSetting};
 use herald_proto::{Assignment, Cursor, Key, Keyspace, SubscriptionId, SubscriptionRecord, WorkerId};
@@ -73,6 +73,10 @@ pub trait CursorStore: Send + Sync + 'static {
         cursor: &Cursor,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
+
+/// Reads in one etcd transaction (etcd refuses more than 128 operations per transaction by
+/// default).
+const READS_PER_TXN: usize = 100;
 
 /// herald's etcd adapter for the worker.
 #[derive(Clone)]
@@ -192,20 +196,30 @@ impl EtcdStore {
         &self.keys
     }
 
-    /// Every subscription record, with its mod revision, and the revision they were read at
-    /// (paged: see [`herald_proto::etcd`]).
-    pub async fn records(&self) -> Result<(BTreeMap<SubscriptionId, Versioned>, i64), StoreError> {
-        let mut records = BTreeMap::new();
-        let revision = scan_prefix(&self.client, &self.keys.subscriptions_dir(), |kv| {
-            if let Some((id, record)) =
-                self.record_from(kv.key(), kv.value(), kv.mod_revision(), kv.create_revision())
-            {
-                records.insert(id, record);
+    /// The records of `ids`, each with the revision it was read at (`None`: no such record,
+    /// or one that does not parse), read [`READS_PER_TXN`] at a time: a worker reads the
+    /// records of what it owns, never the whole prefix.
+    pub async fn records_of(
+        &self,
+        ids: &[SubscriptionId],
+    ) -> Result<Vec<(SubscriptionId, i64, Option<Versioned>)>, StoreError> {
+        let mut read = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(READS_PER_TXN) {
+            let gets =
+                chunk.iter().map(|id| TxnOp::get(self.keys.subscription(id), None)).collect::<Vec<_>>();
+            let resp = self.client.clone().txn(Txn::new().and_then(gets)).await?;
+            let revision = resp.header().map_or(0, |h| h.revision());
+            for (id, op) in chunk.iter().zip(resp.op_responses()) {
+                let record = match op {
+                    TxnOpResponse::Get(get) => get.kvs().first().and_then(|kv| {
+                        self.record_from(kv.key(), kv.value(), kv.mod_revision(), kv.create_revision())
+                    }),
+                    _ => None,
+                };
+                read.push((id.clone(), revision, record.map(|(_, v)| v)));
             }
-            true
-        })
-        .await?;
-        Ok((records, revision))
+        }
+        Ok(read)
     }
 
     /// Parses a subscription key/value; `None` (logged) when it does not parse.

@@ -33,6 +33,7 @@ use crate::membership::LeaseClock;
 use crate::metrics::Metrics;
 use crate::pipeline::{Exit, SubscriptionTask};
 use crate::publish::JetStreamSink;
+use crate::records::OwnedRecords;
 use crate::retry::{Backoff, pause, retry};
 use crate::store::{EtcdStore, Ownership, Versioned};
 
@@ -77,7 +78,7 @@ pub struct TaskKey {
 /// The tasks that should run: owned subscriptions whose record exists and is active. Pure.
 pub fn desired_tasks(
     ownerships: &BTreeMap<SubscriptionId, Ownership>,
-    records: &BTreeMap<SubscriptionId, Versioned>,
+    records: &OwnedRecords,
 ) -> BTreeMap<SubscriptionId, TaskKey> {
     ownerships
         .iter()
@@ -172,13 +173,15 @@ impl Supervisor {
                 let assignments =
                     retry("list assignments in etcd", &cancel, || self.store.assignments_of(&self.worker_id))
                         .await?;
-                let records = retry("list subscriptions in etcd", &cancel, || self.store.records()).await?;
+                // Records are read for the owned subscriptions only (see `records`), and the
+                // watch runs from the assignments' revision: whatever a read sees later is
+                // newer than what the watch brings for it, and the read wins.
                 let watches = futures::future::try_join(
                     self.store.watch_assignments(assignments.1),
-                    self.store.watch_records(records.1),
+                    self.store.watch_records(assignments.1),
                 )
                 .await;
-                Some((assignments.0, records.0, watches))
+                Some((assignments.0, OwnedRecords::default(), watches))
             };
             let listed = tokio::select! {
                 _ = ended.cancelled() => {
@@ -190,7 +193,7 @@ impl Supervisor {
             let Some((mut ownerships, mut records, watches)) = listed else {
                 break;
             };
-            self.reconcile(&registration, &mut running, &mut unstartable, &ownerships, &records).await;
+            self.reconcile(&registration, &mut running, &mut unstartable, &ownerships, &mut records).await;
             let (mut assignment_watch, mut record_watch) = match watches {
                 Ok(w) => w,
                 Err(e) => {
@@ -217,7 +220,7 @@ impl Supervisor {
                     }
                     _ = &mut resync => continue 'relist,
                     _ = retry_tick.tick() => {
-                        self.reconcile(&registration, &mut running, &mut unstartable, &ownerships, &records).await;
+                        self.reconcile(&registration, &mut running, &mut unstartable, &ownerships, &mut records).await;
                         continue;
                     }
                     m = assignment_watch.message() => m,
@@ -272,15 +275,13 @@ impl Supervisor {
                                     )
                                 })
                                 .flatten();
-                            match record {
-                                Some((_, r)) => records.insert(id, r),
-                                None => records.remove(&id),
-                            };
+                            records.changed(&id, kv.mod_revision(), record.map(|(_, r)| r));
                         }
                         _ => {}
                     }
                 }
-                self.reconcile(&registration, &mut running, &mut unstartable, &ownerships, &records).await;
+                self.reconcile(&registration, &mut running, &mut unstartable, &ownerships, &mut records)
+                    .await;
             }
         }
         // Graceful: every task finishes its block range and commits, then stops. Whatever has
@@ -319,8 +320,9 @@ impl Supervisor {
         running: &mut BTreeMap<SubscriptionId, Running>,
         unstartable: &mut BTreeMap<SubscriptionId, TaskKey>,
         ownerships: &BTreeMap<SubscriptionId, Ownership>,
-        records: &BTreeMap<SubscriptionId, Versioned>,
+        records: &mut OwnedRecords,
     ) {
+        self.read_records(ownerships, records).await;
         let desired = desired_tasks(ownerships, records);
         let current: BTreeMap<_, _> = running.iter().map(|(id, r)| (id.clone(), r.key.clone())).collect();
         let finished: Vec<_> =
@@ -346,7 +348,8 @@ impl Supervisor {
             if unstartable.contains_key(&id) {
                 continue;
             }
-            match self.spawn(registration, key.clone(), &records[&id]).await {
+            let Some(record) = records.get(&id) else { continue };
+            match self.spawn(registration, key.clone(), record).await {
                 Start::Running(task) => {
                     running.insert(id, task);
                 }
@@ -357,6 +360,31 @@ impl Supervisor {
             }
         }
         self.metrics.assigned_subscriptions.set(running.len() as i64);
+    }
+
+    /// Forgets the records of subscriptions no longer owned and reads those of newly owned
+    /// ones. One attempt: what is not read now is read at the next reconciliation (at most
+    /// [`RETRY_INTERVAL`] later).
+    async fn read_records(
+        &self,
+        ownerships: &BTreeMap<SubscriptionId, Ownership>,
+        records: &mut OwnedRecords,
+    ) {
+        records.retain_owned(ownerships);
+        let missing = records.missing(ownerships);
+        if missing.is_empty() {
+            return;
+        }
+        match self.store.records_of(&missing).await {
+            Ok(read) => {
+                for (id, revision, record) in read {
+                    records.read(id, revision, record);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, missing = missing.len(), "cannot read subscription records; retrying");
+            }
+        }
     }
 
     async fn release(&self, id: &SubscriptionId) {
@@ -459,15 +487,22 @@ mod tests {
         (SubscriptionId::new(id).unwrap(), Versioned { record, mod_revision, create_revision: 1 })
     }
 
+    fn records(v: &[(SubscriptionId, Versioned)]) -> OwnedRecords {
+        let mut records = OwnedRecords::default();
+        for (id, versioned) in v {
+            records.read(id.clone(), versioned.mod_revision, Some(versioned.clone()));
+        }
+        records
+    }
+
     #[test]
     fn only_owned_active_recorded_subscriptions_run() {
         let ownerships: BTreeMap<_, _> = [own("a", 1), own("b", 2), own("c", 3)].into();
-        let records: BTreeMap<_, _> = [
+        let records = records(&[
             versioned("a", SubscriptionState::Active, 10),
             versioned("b", SubscriptionState::Paused, 11),
             versioned("z", SubscriptionState::Active, 12),
-        ]
-        .into();
+        ]);
         let desired = desired_tasks(&ownerships, &records);
         assert_eq!(desired.keys().cloned().collect::<Vec<_>>(), ids(&["a"]));
         assert_eq!(desired[&ids(&["a"])[0]].record_revision, 10);
@@ -476,8 +511,8 @@ mod tests {
     #[test]
     fn a_record_change_restarts_the_task() {
         let ownerships: BTreeMap<_, _> = [own("a", 1)].into();
-        let before = desired_tasks(&ownerships, &[versioned("a", SubscriptionState::Active, 10)].into());
-        let after = desired_tasks(&ownerships, &[versioned("a", SubscriptionState::Active, 14)].into());
+        let before = desired_tasks(&ownerships, &records(&[versioned("a", SubscriptionState::Active, 10)]));
+        let after = desired_tasks(&ownerships, &records(&[versioned("a", SubscriptionState::Active, 14)]));
         let changes = plan(&before, &[], &after);
         assert_eq!((changes.stop, changes.start), (ids(&["a"]), ids(&["a"])));
     }
