@@ -186,6 +186,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics,
         lease,
         idle_commit_interval: config.idle_commit_interval,
+        start_permits: Arc::new(tokio::sync::Semaphore::new(supervisor::CONCURRENT_STARTS)),
     };
     tracing::info!(worker_id = %config.worker_id, "worker running");
     supervisor.run(shutdown).await;

@@ -86,6 +86,8 @@ pub struct SubscriptionTask<R, S, C> {
     /// How often a cursor that moved over ranges publishing nothing is committed (the
     /// worker's `idle_commit_interval`).
     pub idle_commit_interval: Duration,
+    /// Shared by the worker's tasks: how many may be starting at once.
+    pub start_permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// Messages per fast-ingest batch: what a failed batch publishes again at most.
@@ -210,6 +212,14 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
     /// Runs until cancelled (stop now), drained (stop after the current block range, with its
     /// cursor committed) or fenced.
     pub async fn run(self, cancel: CancellationToken, drain: CancellationToken) -> Exit {
+        // Starting reads etcd and the subject and may write a cursor: a few tasks at a time,
+        // so that a worker given thousands of subscriptions at once (its first start, a
+        // takeover) neither floods etcd and JetStream nor holds thousands of starts in memory.
+        let permit = tokio::select! {
+            _ = drain.cancelled() => return Exit::Drained,
+            _ = cancel.cancelled() => return Exit::Cancelled,
+            permit = self.start_permits.acquire() => permit,
+        };
         let resume = tokio::select! {
             _ = drain.cancelled() => return Exit::Drained,
             r = Box::pin(self.resume_point(&cancel)) => r,
@@ -226,6 +236,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
         if let Some(exit) = step {
             return exit;
         }
+        drop(permit);
         tracing::info!(
             next_block = progress.next,
             epoch = progress.epoch,
@@ -1536,6 +1547,7 @@ mod tests {
             poll_interval: Duration::from_millis(5),
             max_block_range,
             idle_commit_interval: Duration::from_millis(20),
+            start_permits: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 

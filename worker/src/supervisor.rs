@@ -41,6 +41,8 @@ use crate::store::{EtcdStore, Ownership, Versioned};
 const RESYNC_INTERVAL: Duration = Duration::from_secs(15);
 /// How long a graceful shutdown waits for tasks to finish their block range.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Subscription tasks of one worker starting (reading their cursor and subject) at once.
+pub const CONCURRENT_STARTS: usize = 64;
 /// How often tasks that ended or could not start are retried.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -143,6 +145,8 @@ pub struct Supervisor {
     pub lease: LeaseClock,
     /// How often a subscription whose blocks publish nothing commits its cursor.
     pub idle_commit_interval: std::time::Duration,
+    /// How many tasks may be starting at once ([`CONCURRENT_STARTS`]).
+    pub start_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Supervisor {
@@ -440,6 +444,7 @@ impl Supervisor {
             poll_interval: chain.config.poll_interval,
             max_block_range: chain.config.max_block_range,
             idle_commit_interval: self.idle_commit_interval,
+            start_permits: self.start_permits.clone(),
             spec,
         };
         // Independent of the shutdown token: shutdown drains. Revocation cancels this task

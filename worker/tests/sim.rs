@@ -832,6 +832,7 @@ impl Scenario {
             poll_interval: Duration::from_millis(50),
             max_block_range: self.max_block_range,
             idle_commit_interval: Duration::from_secs(2),
+            start_permits: Arc::new(tokio::sync::Semaphore::new(4)),
         };
         let (cancel, drain) = (CancellationToken::new(), CancellationToken::new());
         let handle = tokio::spawn(task.run(cancel.clone(), drain.clone()));
