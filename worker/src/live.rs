@@ -44,6 +44,9 @@ impl CachedBlock {
 struct State {
     /// Interests and how many members hold each.
     interests: BTreeMap<Interest, usize>,
+    /// The set of `interests`, shared by every block fetched for it (one set per block was
+    /// a kilobyte per subscription, kept for the whole window); rebuilt after it changes.
+    interest_set: Option<Arc<BTreeSet<Interest>>>,
     blocks: BTreeMap<u64, CachedBlock>,
 }
 
@@ -70,6 +73,7 @@ impl<R: ChainRpc> Drop for LiveMember<R> {
             *members -= 1;
             if *members == 0 {
                 state.interests.remove(&self.interest);
+                state.interest_set = None;
             }
         }
     }
@@ -91,7 +95,11 @@ impl<R: ChainRpc> LiveLogs<R> {
     /// Joins with interest in `topic0` logs of `address`.
     pub fn join(self: &Arc<Self>, address: Address, topic0: B256) -> LiveMember<R> {
         let mut state = self.state.lock().expect("live state");
-        *state.interests.entry((address, topic0)).or_default() += 1;
+        let members = state.interests.entry((address, topic0)).or_default();
+        *members += 1;
+        if *members == 1 {
+            state.interest_set = None;
+        }
         LiveMember { live: self.clone(), interest: (address, topic0) }
     }
 
@@ -166,12 +174,14 @@ impl<R: ChainRpc> LiveLogs<R> {
     /// cannot answer `interest` (missing, changed by a reorg, or fetched before it joined).
     async fn fetch(&self, interest: &Interest, from: u64, to: u64, view: &ChainView) -> Result<(), RpcError> {
         let (start, interests) = {
-            let state = self.state.lock().expect("live state");
+            let mut state = self.state.lock().expect("live state");
             let fresh = |n: u64| state.blocks.get(&n).is_some_and(|c| c.answers(interest, view, n));
             let Some(start) = (from..=to).find(|&n| !fresh(n)) else {
                 return Ok(());
             };
-            (start, Arc::new(state.interests.keys().copied().collect::<BTreeSet<_>>()))
+            let State { interests, interest_set, .. } = &mut *state;
+            let set = interest_set.get_or_insert_with(|| Arc::new(interests.keys().copied().collect()));
+            (start, set.clone())
         };
         let addresses: Vec<Address> = {
             let mut a: Vec<Address> = interests.iter().map(|(a, _)| *a).collect();

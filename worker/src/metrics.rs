@@ -47,9 +47,21 @@ pub const RPC_OUTCOMES: [&str; 8] = [
 /// Buckets for network round trips (RPC, JetStream acks, etcd keepalives), in seconds.
 const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
-/// The worker's metrics and the registry that serves them.
+/// The worker's metrics and the registry that serves them: a handle, one pointer wide (every
+/// subscription task and range reader holds one).
 #[derive(Clone)]
-pub struct Metrics {
+pub struct Metrics(Arc<Registered>);
+
+impl std::ops::Deref for Metrics {
+    type Target = Registered;
+
+    fn deref(&self) -> &Registered {
+        &self.0
+    }
+}
+
+/// What [`Metrics`] holds.
+pub struct Registered {
     registry: Registry,
     /// Latest head seen, per chain.
     pub head_block: IntGaugeVec,
@@ -132,7 +144,7 @@ impl Metrics {
         };
         let counter =
             |name: &str, help: &str| register(r, IntCounter::new(name, help).expect("valid metric"));
-        Self {
+        Self(Arc::new(Registered {
             head_block: gauge_vec("herald_chain_head_block", "Latest head seen.", &["chain_id"]),
             rpc_requests: counter_vec(
                 "herald_rpc_requests_total",
@@ -244,7 +256,7 @@ impl Metrics {
             ),
             subscriptions,
             registry,
-        }
+        }))
     }
 
     /// Creates the per-chain and per-endpoint series at 0 for a configured chain.

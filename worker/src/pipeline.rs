@@ -70,9 +70,9 @@ pub struct SubscriptionTask<R, S, C> {
     /// The assignment this task acts under.
     pub ownership: Ownership,
     /// The registered subscription.
-    pub spec: SubscriptionSpec,
+    pub spec: Arc<SubscriptionSpec>,
     /// Its compiled event.
-    pub event: CompiledEvent,
+    pub event: Arc<CompiledEvent>,
     /// The latest rewind request in the subscription's record.
     pub rewind: Option<Rewind>,
     /// Which registration of the subscription id this is (its record's create revision).
@@ -474,7 +474,7 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             decoder: Decoder {
                 chain_id: self.spec.chain_id,
                 subscription_id: self.spec.id.clone(),
-                event: Arc::new(self.event.clone()),
+                event: self.event.clone(),
                 registration: self.registration,
                 epoch,
             },
@@ -1539,8 +1539,8 @@ mod tests {
                 generation: 1,
                 assignment_value: vec![],
             },
-            event: spec.compile().unwrap(),
-            spec,
+            event: Arc::new(spec.compile().unwrap()),
+            spec: Arc::new(spec),
             rewind: None,
             registration: 1,
             lease: LeaseClock::always_valid(),

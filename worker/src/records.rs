@@ -21,7 +21,7 @@ use crate::store::{Ownership, Versioned};
 #[derive(Debug, Clone, PartialEq)]
 enum Known {
     /// Its record.
-    Present(Box<Versioned>),
+    Present(Versioned),
     /// No record at revision `at` (deleted, or the assignment outlived it for a moment).
     Absent {
         /// The revision it was found absent at.
@@ -66,7 +66,7 @@ impl OwnedRecords {
     /// A read of `id` at revision `at` found `record` (`None`: no such key).
     pub fn read(&mut self, id: SubscriptionId, at: i64, record: Option<Versioned>) {
         let known = match record {
-            Some(v) => Known::Present(Box::new(v)),
+            Some(v) => Known::Present(v),
             None => Known::Absent { at },
         };
         self.apply(id, known);
@@ -79,7 +79,7 @@ impl OwnedRecords {
             return;
         }
         let known = match record {
-            Some(v) => Known::Present(Box::new(v)),
+            Some(v) => Known::Present(v),
             None => Known::Absent { at },
         };
         self.apply(id.clone(), known);
@@ -125,7 +125,7 @@ mod tests {
         let mut record = SubscriptionRecord::new(spec, 0);
         record.state =
             if mod_revision % 2 == 0 { SubscriptionState::Active } else { SubscriptionState::Paused };
-        Versioned { record, mod_revision, create_revision: 1 }
+        Versioned::new(record, mod_revision, 1)
     }
 
     fn owned(ids: &[u8]) -> BTreeMap<SubscriptionId, Ownership> {

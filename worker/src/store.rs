@@ -8,12 +8,16 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream};
 use herald_proto::etcd::scan_prefix;
 use herald_proto::settings::{EtcdConfig, InvalidSetting};
-use herald_proto::{Assignment, Cursor, Key, Keyspace, SubscriptionId, SubscriptionRecord, WorkerId};
+use herald_proto::{
+    Assignment, Cursor, Key, Keyspace, Rewind, SubscriptionId, SubscriptionRecord, SubscriptionSpec,
+    SubscriptionState, WorkerId,
+};
 
 /// A failed store operation.
 #[derive(Debug, thiserror::Error)]
@@ -237,7 +241,7 @@ impl EtcdStore {
         };
         match serde_json::from_slice::<SubscriptionRecord>(value) {
             Ok(record) if record.spec.id == id => {
-                Some((id, Versioned { record, mod_revision, create_revision }))
+                Some((id, Versioned::new(record, mod_revision, create_revision)))
             }
             Ok(_) => {
                 tracing::warn!(key, "ignoring subscription record whose id does not match its key");
@@ -258,15 +262,27 @@ impl EtcdStore {
     }
 }
 
-/// A subscription record and the etcd revision it was last modified at.
+/// What a worker keeps of a subscription record, and the etcd revisions of its key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Versioned {
-    /// The record.
-    pub record: SubscriptionRecord,
+    /// What the app registered, shared with the subscription's task.
+    pub spec: Arc<SubscriptionSpec>,
+    /// Whether it runs.
+    pub state: SubscriptionState,
+    /// The latest rewind request.
+    pub rewind: Option<Rewind>,
     /// Its key's mod revision: changes with every pause, resume or rewind.
     pub mod_revision: i64,
     /// Its key's create revision: identifies this registration of the id.
     pub create_revision: i64,
+}
+
+impl Versioned {
+    /// `record`, last modified at `mod_revision`, created at `create_revision`.
+    pub fn new(record: SubscriptionRecord, mod_revision: i64, create_revision: i64) -> Self {
+        let SubscriptionRecord { spec, state, rewind, created_at: _ } = record;
+        Self { spec: Arc::new(spec), state, rewind, mod_revision, create_revision }
+    }
 }
 
 impl CursorStore for EtcdStore {

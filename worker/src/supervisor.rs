@@ -86,7 +86,7 @@ pub fn desired_tasks(
         .iter()
         .filter_map(|(id, ownership)| {
             let versioned = records.get(id)?;
-            (versioned.record.state == SubscriptionState::Active).then(|| {
+            (versioned.state == SubscriptionState::Active).then(|| {
                 (
                     id.clone(),
                     TaskKey { ownership: ownership.clone(), record_revision: versioned.mod_revision },
@@ -401,7 +401,7 @@ impl Supervisor {
     /// Starts the task of `key` under `registration` (the clock pinned for this listing).
     async fn spawn(&self, registration: &LeaseClock, key: TaskKey, versioned: &Versioned) -> Start {
         let id = key.ownership.subscription_id.clone();
-        let spec = versioned.record.spec.clone();
+        let spec = versioned.spec.clone();
         let event = match spec.compile() {
             Ok(e) => e,
             Err(e) => {
@@ -437,8 +437,8 @@ impl Supervisor {
             metrics: self.metrics.clone(),
             series: self.metrics.subscription(spec.chain_id, &id),
             ownership: key.ownership.clone(),
-            event,
-            rewind: versioned.record.rewind,
+            event: Arc::new(event),
+            rewind: versioned.rewind,
             registration: u64::try_from(versioned.create_revision).unwrap_or_default(),
             lease: clock.clone(),
             poll_interval: chain.config.poll_interval,
@@ -489,7 +489,7 @@ mod tests {
         .unwrap();
         let mut record = herald_proto::SubscriptionRecord::new(spec, 0);
         record.state = state;
-        (SubscriptionId::new(id).unwrap(), Versioned { record, mod_revision, create_revision: 1 })
+        (SubscriptionId::new(id).unwrap(), Versioned::new(record, mod_revision, 1))
     }
 
     fn records(v: &[(SubscriptionId, Versioned)]) -> OwnedRecords {
