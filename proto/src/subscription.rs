@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use alloy_dyn_abi::{DynSolType, DynSolValue};
 use alloy_json_abi::Event;
@@ -31,14 +32,15 @@ pub struct SubscriptionSpec {
     pub chain_id: ChainId,
     /// Contract whose logs are wanted.
     pub address: Address,
-    /// The event, as a human-readable signature or a JSON ABI fragment.
-    pub event: EventDefinition,
+    /// The event, as a human-readable signature or a JSON ABI fragment. Shared: a worker
+    /// keeps one copy of each distinct definition for all the subscriptions that use it.
+    pub event: Arc<EventDefinition>,
     /// Indexed-argument filters: parameter name -> accepted values (any of them matches).
     /// Values are written as the parameter's type would be in Solidity source: `0x..` for
     /// addresses and bytes, decimal or `0x` hex for integers, `true`/`false`, plain text for
     /// strings.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub filters: BTreeMap<String, Vec<String>>,
+    #[serde(default, skip_serializing_if = "Filters::is_empty")]
+    pub filters: Filters,
     /// First block to deliver.
     #[serde(default)]
     pub start_block: StartBlock,
@@ -161,8 +163,58 @@ pub struct Rewind {
     pub from_block: u64,
 }
 
+/// Indexed-argument filters: parameter name -> accepted values, in name order. A JSON object
+/// on the wire; in memory a sorted slice, since a worker keeps the spec of every subscription
+/// it runs and a `BTreeMap` allocates a whole node (over 500 bytes) for a single filter.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Filters(Box<[(String, Box<[String]>)]>);
+
+impl Filters {
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The accepted values of parameter `name`.
+    pub fn get(&self, name: &str) -> Option<&[String]> {
+        let at = self.0.binary_search_by(|(n, _)| n.as_str().cmp(name)).ok()?;
+        Some(&self.0[at].1)
+    }
+
+    /// Each parameter and its accepted values, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[String])> {
+        self.0.iter().map(|(name, values)| (name.as_str(), &values[..]))
+    }
+
+    /// Sets the accepted values of parameter `name`.
+    pub fn insert(&mut self, name: String, values: Vec<String>) {
+        let mut all: BTreeMap<String, Vec<String>> =
+            self.iter().map(|(n, v)| (n.to_owned(), v.to_vec())).collect();
+        all.insert(name, values);
+        *self = all.into();
+    }
+}
+
+impl From<BTreeMap<String, Vec<String>>> for Filters {
+    fn from(map: BTreeMap<String, Vec<String>>) -> Self {
+        Self(map.into_iter().map(|(name, values)| (name, values.into_boxed_slice())).collect())
+    }
+}
+
+impl Serialize for Filters {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Filters {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        BTreeMap::<String, Vec<String>>::deserialize(deserializer).map(Self::from)
+    }
+}
+
 /// How the event is described.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum EventDefinition {
     /// Human-readable, e.g. `event Transfer(address indexed from, address indexed to, uint256 value)`
@@ -290,10 +342,7 @@ impl fmt::Debug for CompiledEvent {
 
 impl CompiledEvent {
     /// Parses the event and encodes the filters as topics.
-    pub fn compile(
-        definition: &EventDefinition,
-        filters: &BTreeMap<String, Vec<String>>,
-    ) -> Result<Self, SpecError> {
+    pub fn compile(definition: &EventDefinition, filters: &Filters) -> Result<Self, SpecError> {
         let event = definition.parse()?;
         if event.anonymous {
             return Err(SpecError::new("event", "anonymous events have no topic0 to match"));
@@ -311,14 +360,14 @@ impl CompiledEvent {
             })?;
         }
         let mut topic_filters: [Option<Vec<B256>>; INDEXED_TOPICS] = Default::default();
-        for (name, values) in filters {
+        for (name, values) in filters.iter() {
             let field = format!("filters.{name}");
             let (position, param) = event
                 .inputs
                 .iter()
                 .filter(|p| p.indexed)
                 .enumerate()
-                .find(|(_, p)| &p.name == name)
+                .find(|(_, p)| p.name == name)
                 .ok_or_else(|| {
                     SpecError::new(&field, format!("{name:?} is not an indexed parameter of the event"))
                 })?;
@@ -391,7 +440,7 @@ mod tests {
         assert_eq!(a.signature, "Transfer(address,address,uint256)");
         assert_eq!(a.selector, keccak256("Transfer(address,address,uint256)"));
         let mut s = transfer_spec();
-        s.event = EventDefinition::Signature(TRANSFER.trim_start_matches("event ").into());
+        s.event = EventDefinition::Signature(TRANSFER.trim_start_matches("event ").into()).into();
         assert_eq!(s.compile().unwrap().selector, a.selector);
     }
 
@@ -440,7 +489,7 @@ mod tests {
     #[test]
     fn string_filters_hash_the_value() {
         let mut s = transfer_spec();
-        s.event = EventDefinition::Signature("event Named(string indexed name)".into());
+        s.event = EventDefinition::Signature("event Named(string indexed name)".into()).into();
         s.filters.insert("name".into(), vec!["alice".into()]);
         assert_eq!(s.compile().unwrap().topic_filters[0], Some(vec![keccak256("alice")]));
     }
@@ -448,7 +497,7 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let mut s = transfer_spec();
-        s.event = EventDefinition::Signature("event Transfer(address indexed".into());
+        s.event = EventDefinition::Signature("event Transfer(address indexed".into()).into();
         assert_eq!(s.compile().unwrap_err().field, "event");
 
         let mut s = transfer_spec();
@@ -467,7 +516,8 @@ mod tests {
         let mut s = transfer_spec();
         s.event = EventDefinition::Signature(
             "event E(uint8 indexed a, uint8 indexed b, uint8 indexed c, uint8 indexed d)".into(),
-        );
+        )
+        .into();
         s.filters.insert("d".into(), vec!["1".into()]);
         assert_eq!(s.compile().unwrap_err().field, "event");
 
@@ -526,5 +576,18 @@ mod tests {
     #[test]
     fn default_subject_is_derived_from_chain_and_id() {
         assert_eq!(transfer_spec().subject(), "herald.events.1.t");
+    }
+
+    #[test]
+    fn filters_read_and_write_as_a_json_object_in_name_order() {
+        let filters: Filters =
+            serde_json::from_value(serde_json::json!({"to": ["0x2"], "from": ["0x1", "0x3"]})).unwrap();
+        assert_eq!(filters.get("from"), Some(&["0x1".to_owned(), "0x3".to_owned()][..]));
+        assert_eq!(filters.get("value"), None);
+        assert_eq!(serde_json::to_string(&filters).unwrap(), r#"{"from":["0x1","0x3"],"to":["0x2"]}"#);
+        let mut more = filters.clone();
+        more.insert("amount".into(), vec!["1".into()]);
+        assert_eq!(more.iter().map(|(n, _)| n).collect::<Vec<_>>(), ["amount", "from", "to"]);
+        assert!(serde_json::from_value::<Filters>(serde_json::json!(["to"])).is_err());
     }
 }

@@ -98,7 +98,7 @@ impl Stack {
             id: herald_proto::SubscriptionId::new(id).expect("valid id"),
             chain_id: services::ANVIL_CHAIN_ID,
             address: self.chain.contract,
-            event: herald_proto::EventDefinition::Signature(event.into()),
+            event: herald_proto::EventDefinition::Signature(event.into()).into(),
             filters: Default::default(),
             start_block: herald_proto::StartBlock::Number(0),
             confirmations: 0,

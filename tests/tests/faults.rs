@@ -202,7 +202,7 @@ async fn unreachable_dependencies_at_start_are_retried_and_logged() -> anyhow::R
         id: SubscriptionId::new("transfers")?,
         chain_id: herald_tests::services::ANVIL_CHAIN_ID,
         address: chain.contract,
-        event: herald_proto::EventDefinition::Signature(TRANSFER_EVENT.into()),
+        event: herald_proto::EventDefinition::Signature(TRANSFER_EVENT.into()).into(),
         filters: Default::default(),
         start_block: herald_proto::StartBlock::Number(0),
         confirmations: 0,

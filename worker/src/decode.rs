@@ -135,10 +135,9 @@ mod tests {
     use alloy_dyn_abi::DynSolValue;
     use alloy_primitives::{Address, B256, Bytes, LogData, U256};
     use herald_proto::EventDefinition;
-    use std::collections::BTreeMap;
 
     fn compiled(sig: &str) -> CompiledEvent {
-        CompiledEvent::compile(&EventDefinition::Signature(sig.into()), &BTreeMap::new()).unwrap()
+        CompiledEvent::compile(&EventDefinition::Signature(sig.into()), &Default::default()).unwrap()
     }
 
     fn log(topics: Vec<B256>, data: Vec<u8>) -> Log {

@@ -11,9 +11,10 @@
 //! (its mod revision, or the revision a read found it absent at), and a change applies only if
 //! it is newer. Pure: [`OwnedRecords`] decides, the supervisor reads and watches.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
-use herald_proto::SubscriptionId;
+use herald_proto::{EventDefinition, SubscriptionId};
 
 use crate::store::{Ownership, Versioned};
 
@@ -42,6 +43,31 @@ impl Known {
 #[derive(Debug, Default)]
 pub struct OwnedRecords {
     known: BTreeMap<SubscriptionId, Known>,
+    events: EventInterner,
+}
+
+/// One copy of each distinct event definition for all the records that use it: a parsed JSON
+/// ABI fragment is over a kilobyte, and thousands of subscriptions share a few events.
+#[derive(Debug, Default)]
+struct EventInterner {
+    known: HashSet<Arc<EventDefinition>>,
+    /// How many were kept after the last pruning.
+    kept: usize,
+}
+
+impl EventInterner {
+    fn intern(&mut self, event: &Arc<EventDefinition>) -> Arc<EventDefinition> {
+        if let Some(known) = self.known.get(event) {
+            return known.clone();
+        }
+        self.known.insert(event.clone());
+        // Definitions no record uses any more go once the set has doubled.
+        if self.known.len() > 2 * self.kept.max(64) {
+            self.known.retain(|e| Arc::strong_count(e) > 1);
+            self.kept = self.known.len();
+        }
+        event.clone()
+    }
 }
 
 impl OwnedRecords {
@@ -85,10 +111,14 @@ impl OwnedRecords {
         self.apply(id.clone(), known);
     }
 
-    fn apply(&mut self, id: SubscriptionId, known: Known) {
+    fn apply(&mut self, id: SubscriptionId, mut known: Known) {
         match self.known.get(&id) {
             Some(current) if current.revision() >= known.revision() => {}
             _ => {
+                if let Known::Present(v) = &mut known {
+                    let spec = Arc::make_mut(&mut v.spec);
+                    spec.event = self.events.intern(&spec.event);
+                }
                 self.known.insert(id, known);
             }
         }
@@ -156,6 +186,17 @@ mod tests {
         // Revoked: forgotten.
         records.retain_owned(&owned(&[]));
         assert!(records.is_empty());
+    }
+
+    #[test]
+    fn records_share_one_copy_of_each_event_definition() {
+        let mut records = OwnedRecords::default();
+        for n in 0..3 {
+            records.read(id(n), 10, Some(record(n, 10)));
+        }
+        let spec = |n| records.get(&id(n)).unwrap().spec.clone();
+        assert!(Arc::ptr_eq(&spec(0).event, &spec(1).event));
+        assert!(Arc::ptr_eq(&spec(1).event, &spec(2).event));
     }
 
     proptest! {
