@@ -50,9 +50,7 @@ pub async fn scan(
         }
         let resp = match client.get(from.clone(), Some(options)).await {
             Ok(resp) => resp,
-            Err(etcd_client::Error::GRpcStatus(status))
-                if page > 1 && status.message().contains("message length too large") =>
-            {
+            Err(e) if page > 1 && answer_too_large(&e) => {
                 page /= 2;
                 continue;
             }
@@ -71,6 +69,12 @@ pub async fn scan(
             _ => return Ok(revision),
         }
     }
+}
+
+/// Whether etcd's answer exceeded what the client accepts (4 MiB): the same read asks for too
+/// much at once, and succeeds in smaller parts.
+pub fn answer_too_large(error: &etcd_client::Error) -> bool {
+    matches!(error, etcd_client::Error::GRpcStatus(status) if status.message().contains("message length too large"))
 }
 
 /// [`scan`] of every key under `prefix`.

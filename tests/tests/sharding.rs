@@ -590,36 +590,43 @@ async fn a_drain_request_survives_the_worker_losing_its_lease() -> anyhow::Resul
     Ok(())
 }
 
-/// A worker lists the registry a page at a time: with more subscription records than one etcd
-/// answer may hold (4 MiB), a single read failed ("message length too large"), the worker never
-/// finished its listing and ran nothing, whatever was assigned to it.
+/// A worker reads the records of the subscriptions it owns in transactions of 100 reads; with
+/// records near the API's 64 KiB limit, 100 of them exceed what one etcd answer may hold
+/// (4 MiB), and such a transaction is read again in halves. (Before, a worker listed every
+/// record in one read, failed past 4 MiB and never ran anything.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_lists_more_records_than_one_etcd_answer_holds() -> anyhow::Result<()> {
+async fn a_worker_reads_its_records_when_one_etcd_answer_cannot_hold_them() -> anyhow::Result<()> {
     use etcd_client::{Txn, TxnOp};
-    use herald_proto::{Keyspace, SubscriptionRecord};
+    use herald_proto::{Assignment, Keyspace, SubscriptionRecord, SubscriptionState};
     use herald_tests::check::assert_exact_transfers;
     use herald_tests::herald::{register_subscription, wait_for_cursor};
     init_tracing();
     let stack = Stack::start().await?;
     let mut etcd = stack.etcd.client().await?;
     let keys = Keyspace::default();
-    // 2,400 records of about 2 KB (40 addresses in a filter), assigned to nobody: 5 MB.
-    let mut written = 0;
-    for chunk in (0..2_400u64).collect::<Vec<_>>().chunks(50) {
-        let mut ops = Vec::new();
-        for n in chunk {
-            let mut spec = stack.subscription(&format!("filler-{n:04}"), TRANSFER_EVENT);
-            let to: Vec<String> = (0..40).map(|k| format!("0x{:040x}", 0x10_0000 + n * 100 + k)).collect();
-            spec.filters.insert("to".into(), to);
-            let record = serde_json::to_vec(&SubscriptionRecord::new(spec.clone(), 0))?;
-            written += record.len();
-            ops.push(TxnOp::put(keys.subscription(&spec.id), record, None));
+    // 110 paused records of about 48 KB (1,000 addresses in a filter), all assigned to
+    // worker-a, sorted after "mine": its first transaction reads "mine" and 99 of them.
+    let assignment = serde_json::to_vec(&Assignment { worker_id: herald_proto::WorkerId::new("worker-a")? })?;
+    let mut first_hundred = 0;
+    for n in 0..110u64 {
+        let mut spec = stack.subscription(&format!("n-{n:03}"), TRANSFER_EVENT);
+        let to: Vec<String> = (0..1_000).map(|k| format!("0x{:040x}", 0x10_0000 + n * 10_000 + k)).collect();
+        spec.filters.insert("to".into(), to);
+        let mut record = SubscriptionRecord::new(spec.clone(), 0);
+        record.state = SubscriptionState::Paused;
+        let record = serde_json::to_vec(&record)?;
+        if n < 99 {
+            first_hundred += record.len();
         }
-        etcd.txn(Txn::new().and_then(ops)).await?;
+        etcd.txn(Txn::new().and_then([
+            TxnOp::put(keys.subscription(&spec.id), record, None),
+            TxnOp::put(keys.assignment(&spec.id), assignment.clone(), None),
+        ]))
+        .await?;
     }
     assert!(
-        written > 4 * 1024 * 1024,
-        "the records ({written} bytes) fit one answer: the test proves nothing"
+        first_hundred > 4 * 1024 * 1024,
+        "the records ({first_hundred} bytes) fit one answer: the test proves nothing"
     );
     let spec = stack.subscription("mine", TRANSFER_EVENT);
     register_subscription(&mut etcd, &spec, "worker-a").await?;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream};
-use herald_proto::etcd::scan_prefix;
+use herald_proto::etcd::{answer_too_large, scan_prefix};
 use herald_proto::settings::{EtcdConfig, InvalidSetting};
 use herald_proto::{
     Assignment, Cursor, Key, Keyspace, Rewind, SubscriptionId, SubscriptionRecord, SubscriptionSpec,
@@ -208,10 +208,21 @@ impl EtcdStore {
         ids: &[SubscriptionId],
     ) -> Result<Vec<(SubscriptionId, i64, Option<Versioned>)>, StoreError> {
         let mut read = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(READS_PER_TXN) {
+        // Records are up to the API's body limit (64 KiB): a transaction whose answer exceeds
+        // the client's 4 MiB is asked again in halves.
+        let mut pending: Vec<&[SubscriptionId]> = ids.chunks(READS_PER_TXN).rev().collect();
+        while let Some(chunk) = pending.pop() {
             let gets =
                 chunk.iter().map(|id| TxnOp::get(self.keys.subscription(id), None)).collect::<Vec<_>>();
-            let resp = self.client.clone().txn(Txn::new().and_then(gets)).await?;
+            let resp = match self.client.clone().txn(Txn::new().and_then(gets)).await {
+                Ok(resp) => resp,
+                Err(e) if chunk.len() > 1 && answer_too_large(&e) => {
+                    let (first, second) = chunk.split_at(chunk.len() / 2);
+                    pending.extend([second, first]);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             let revision = resp.header().map_or(0, |h| h.revision());
             for (id, op) in chunk.iter().zip(resp.op_responses()) {
                 let record = match op {
