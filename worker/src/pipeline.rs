@@ -270,7 +270,10 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             let view = heads.borrow_and_update().clone();
             // Boxed, like the other large steps: the task's own future, alive as long as the
             // subscription runs, stays small while it waits for the next head.
-            let step = Box::pin(self.step(&mut progress, &mut fetching, &view, &subject, &cancel)).await;
+            let step = match self.quiet_step(&mut progress, &mut fetching, &view) {
+                Some(step) => Ok(step),
+                None => Box::pin(self.step(&mut progress, &mut fetching, &view, &subject, &cancel)).await,
+            };
             match step {
                 Ok(Step::Continue) => backoff.reset(),
                 Ok(Step::Idle) => {
@@ -770,13 +773,32 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
             }
         }
 
+        let cursor = Self::cursor_after(p, to, to_hash);
+        // A range that published nothing needs no prompt commit: replaying it after a crash
+        // publishes nothing either. Committing it at most every idle_commit_interval keeps
+        // thousands of quiet subscriptions from writing to etcd on every block. At the head
+        // that commit is left to the run loop's idle flush, outside the step, so that quiet
+        // subscriptions hold no step while they write.
+        let quiet = envelopes.is_empty() && settled.retract.is_empty();
+        let due = !quiet || self.quiet_commit_due(p, to >= target);
+        if due {
+            if let Err(exit) = self.commit(&cursor, cancel).await {
+                return Ok(Step::Exit(exit));
+            }
+            p.last_commit = Some(tokio::time::Instant::now());
+        }
+        Ok(self.moved_to(p, cursor, due, head, target))
+    }
+
+    /// The cursor once the range ending at block `to` (hash `to_hash`) is settled.
+    fn cursor_after(p: &Progress, to: u64, to_hash: B256) -> Cursor {
         let checkpoint = Checkpoint {
             block_number: to,
             block_hash: to_hash,
             journal_seq: p.ledger.journal_floor(to, p.last_seq),
             stored_seq: p.last_seq,
         };
-        let cursor = match &p.cursor {
+        match &p.cursor {
             Some(previous) => previous.advance(checkpoint, p.last_seq),
             None => Cursor {
                 generation: p.generation,
@@ -784,28 +806,62 @@ impl<R: ChainRpc, S: EventSink, C: CursorStore> SubscriptionTask<R, S, C> {
                 journal_seq: checkpoint.journal_seq,
                 ..Cursor::at(to, to_hash, p.epoch)
             },
-        };
-        // A range that published nothing needs no prompt commit: replaying it after a crash
-        // publishes nothing either. Committing it at most every idle_commit_interval keeps
-        // thousands of quiet subscriptions from writing to etcd on every block. At the head
-        // that commit is left to the run loop's idle flush, outside the step, so that quiet
-        // subscriptions hold no step while they write.
-        let caught_up = to >= target;
-        let due = !envelopes.is_empty()
-            || !settled.retract.is_empty()
-            || p.cursor.is_none()
-            || (!caught_up && p.last_commit.is_none_or(|at| at.elapsed() >= self.idle_commit_interval));
-        if due {
-            if let Err(exit) = self.commit(&cursor, cancel).await {
-                return Ok(Step::Exit(exit));
-            }
-            p.last_commit = Some(tokio::time::Instant::now());
         }
-        p.uncommitted = !due;
+    }
+
+    /// Whether a range that published and retracted nothing must be committed now: the first
+    /// cursor always, otherwise every idle_commit_interval while catching up (at the head, the
+    /// run loop's idle flush commits).
+    fn quiet_commit_due(&self, p: &Progress, caught_up: bool) -> bool {
+        p.cursor.is_none()
+            || (!caught_up && p.last_commit.is_none_or(|at| at.elapsed() >= self.idle_commit_interval))
+    }
+
+    /// Moves the task to `cursor` (`committed` or not yet) and says what comes next.
+    fn moved_to(&self, p: &mut Progress, cursor: Cursor, committed: bool, head: u64, target: u64) -> Step {
+        let to = cursor.block_number;
+        p.uncommitted = !committed;
         p.next = cursor.next_block();
         p.cursor = Some(cursor);
         self.series.observe_cursor(head, to, target);
-        Ok(if caught_up { Step::Idle } else { Step::Continue })
+        if to >= target { Step::Idle } else { Step::Continue }
+    }
+
+    /// The common case at the head, settled without a step (whose future is several
+    /// kilobytes, allocated and copied for each one): the next range lies in the head
+    /// tracker's window, follows a cursor still canonical there, was already fetched by the
+    /// chain's shared live fetch with no log for this subscription, holds nothing live, and
+    /// needs no commit now. Tens of thousands of quiet subscriptions take this path on every
+    /// block. `None` when anything else is the case: the step handles it, with every check.
+    fn quiet_step(&self, p: &mut Progress, fetching: &mut Fetching<R>, view: &ChainView) -> Option<Step> {
+        let live = self.live.as_ref()?;
+        let head = view.head()?;
+        if self.spec.finality.is_some() || fetching.ahead.is_some() {
+            return None;
+        }
+        let target = confirmed_target(head, self.spec.confirmations)?;
+        let cursor = p.cursor.as_ref()?;
+        // Canonical by the window: the block after the cursor names it as its parent.
+        if cursor.block_hash.is_zero()
+            || view.block(cursor.block_number + 1)?.parent_hash != cursor.block_hash
+        {
+            return None;
+        }
+        let range = next_range(p.next, target, p.sizer.span())?;
+        let (from, to) = (*range.start(), *range.end());
+        let last_block = *view.block(to)?;
+        view.block(from)?;
+        if !p.ledger.blocks_in(from, to).is_empty() || self.quiet_commit_due(p, to >= target) {
+            return None;
+        }
+        let member = fetching.member.get_or_insert_with(|| live.join(self.spec.address, self.event.selector));
+        let logs = live.logs(member, from, to, view)?;
+        if !fetching.reader.decoder.envelopes(&logs).is_empty() {
+            return None;
+        }
+        self.series.observe_head(head, p.next, self.spec.confirmations);
+        let cursor = Self::cursor_after(p, to, last_block.hash);
+        Some(self.moved_to(p, cursor, false, head, target))
     }
 
     /// Publishes `envelopes` in order and returns the stream sequence of the last one: as a
