@@ -106,7 +106,23 @@ impl<R: ChainRpc> LiveLogs<R> {
     /// The member's logs (its address and topic0; topic filters are the member's business) in
     /// `from..=to` if the shared cache answers for all of the range, else `None`.
     pub fn logs(&self, member: &LiveMember<R>, from: u64, to: u64, view: &ChainView) -> Option<Vec<Log>> {
-        self.cached(member, from, to, view)
+        let state = self.state.lock().expect("live state");
+        let mut logs = Vec::new();
+        for number in from..=to {
+            let block = state.blocks.get(&number)?;
+            if !block.answers(&member.interest, view, number) {
+                return None;
+            }
+            let (address, topic0) = member.interest;
+            logs.extend(
+                block
+                    .logs
+                    .iter()
+                    .filter(|l| l.address() == address && l.topics().first() == Some(&topic0))
+                    .cloned(),
+            );
+        }
+        Some(logs)
     }
 
     /// Makes sure `from..=to` is fetched for every member: the first member to ask fetches it
@@ -141,26 +157,6 @@ impl<R: ChainRpc> LiveLogs<R> {
         }
         let state = self.state.lock().expect("live state");
         !(from..=to).all(|n| state.blocks.get(&n).is_some_and(|b| b.answers(&member.interest, view, n)))
-    }
-
-    fn cached(&self, member: &LiveMember<R>, from: u64, to: u64, view: &ChainView) -> Option<Vec<Log>> {
-        let state = self.state.lock().expect("live state");
-        let mut logs = Vec::new();
-        for number in from..=to {
-            let block = state.blocks.get(&number)?;
-            if !block.answers(&member.interest, view, number) {
-                return None;
-            }
-            let (address, topic0) = member.interest;
-            logs.extend(
-                block
-                    .logs
-                    .iter()
-                    .filter(|l| l.address() == address && l.topics().first() == Some(&topic0))
-                    .cloned(),
-            );
-        }
-        Some(logs)
     }
 
     async fn ask(&self, query: &LogQuery) -> Result<Vec<Log>, RpcError> {

@@ -124,12 +124,7 @@ impl OwnedRecords {
         }
     }
 
-    /// How many records are known (present or absent).
-    pub fn len(&self) -> usize {
-        self.known.len()
-    }
-
-    /// Whether none is.
+    /// Whether no record is known (present or absent).
     pub fn is_empty(&self) -> bool {
         self.known.is_empty()
     }
